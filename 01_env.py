@@ -617,7 +617,7 @@ class BrowserEnv:
             return await self._end(str(e), info)
         except Exception as e:  # Playwright errors: the page or the browser is gone
             info["error"] = f"{type(e).__name__}: {e}"[:300]
-            reason = ("browser_died" if not self.browser.alive else
+            reason = ("blocked_navigation" if self._left_to else "browser_died" if not self.browser.alive else
                       "page_crashed" if self._crashed or self._page is None or self._page.is_closed() else "page_error")
             return await self._end(reason, info)
 
@@ -651,7 +651,13 @@ class BrowserEnv:
     async def _after(self, error: str | None, info: dict) -> StepResult:
         if self._crashed:
             raise EpisodeEnd("page_crashed")
-        self.last_obs, status = await self._observe(error)
+        try:
+            self.last_obs, status = await self._observe(error)
+        except Exception:  # the action started a navigation that raced the screenshot: let it land, then retry
+            if self._crashed or self._left_to:
+                raise
+            await self._page.wait_for_load_state()
+            self.last_obs, status = await self._observe(error)
         if self._left_to or not self._allowed(self._page.url):
             raise EpisodeEnd("blocked_navigation")
         if status is not None:
