@@ -282,16 +282,17 @@ def _checked(name: str, sig: str, args: list) -> Action:
 class ScreenshotStore:
     def __init__(self):
         self._bytes: dict[str, bytes] = {}
-        self._by_digest: dict[tuple[str, bytes], str] = {}  # (episode, sha1) -> key: an unchanged page is stored once
+        self._episodes: dict[str, dict[bytes, str]] = {}  # episode -> sha1 -> key: an unchanged page is stored once
         self._lock = threading.Lock()  # the rollout thread writes while the trainer thread reads and frees
 
     def put(self, episode: str, data: bytes) -> str:
-        digest = (episode, hashlib.sha1(data).digest())
+        digest = hashlib.sha1(data).digest()
         with self._lock:
-            if digest not in self._by_digest:
-                key = f"{episode}:{sum(k[0] == episode for k in self._by_digest)}"
-                self._by_digest[digest], self._bytes[key] = key, data
-            return self._by_digest[digest]
+            keys = self._episodes.setdefault(episode, {})
+            if digest not in keys:
+                keys[digest] = f"{episode}:{len(keys)}"
+                self._bytes[keys[digest]] = data
+            return keys[digest]
 
     def get(self, key: str) -> bytes:
         with self._lock:
@@ -299,14 +300,12 @@ class ScreenshotStore:
 
     def keys(self, episode: str) -> list[str]:
         with self._lock:
-            return [key for (ep, _), key in self._by_digest.items() if ep == episode]
+            return list(self._episodes.get(episode, {}).values())
 
     def free(self, episode: str) -> int:
         """Drop every screenshot of one episode; returns the bytes freed."""
         with self._lock:
-            gone = [d for d in self._by_digest if d[0] == episode]
-            freed = sum(len(self._bytes.pop(self._by_digest.pop(d))) for d in gone)
-        return freed
+            return sum(len(self._bytes.pop(key)) for key in self._episodes.pop(episode, {}).values())
 
     @property
     def nbytes(self) -> int:
