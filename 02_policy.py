@@ -1,0 +1,644 @@
+"""02 - The policy: how a vision-language model becomes a web agent.
+
+Each step the model reads a chat prompt (the action grammar, the goal, its own memory, its last few actions and
+their results, the page's element marks, the latest screenshot) and writes two lines:
+
+    Memory: <what to keep for the next steps>
+    Action: <one action of 01_env's grammar>
+
+This file defines, in reading order:
+
+  Prompt / Response   the system prompt, the user turn built with the model's own chat template, and a parser
+                      that turns any reply (malformed, truncated) into (memory, action | error), never raising
+  encode              one function that turns prompts + screenshots (+ response tokens) into model inputs; the
+                      trainer and the sampler both call it, so they see the very same tokens
+  tiny model          a Qwen3-VL of the real architecture with a tiny config, random weights, an offline BPE
+                      tokenizer and the Qwen image processor, saved with save_pretrained (no download, ever)
+  ActionGrammar       optional constrained decoding: a random model can only write valid replies
+  Policy              the training side: per-token log-probs of response tokens (with a mask), images included
+  Samplers            the rollout side, one interface, two engines: transformers `generate` (CPU, fallback) and
+                      vLLM (GPU); both return token ids + behaviour log-probs + the policy version, and load new
+                      weights atomically with respect to sampling
+
+Run `python 02_policy.py` to build the tiny model (once) and let it act on one MiniWoB++ page.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from asyncwebrl import ROOT, load
+
+env = load("01_env")
+
+PAPER_MODEL = "Qwen/Qwen3-VL-8B-Instruct"  # the paper's main policy (any Qwen-VL that transformers loads works)
+TINY_MODEL_DIR = ROOT / ".cache" / "tiny-qwen3vl"  # where `build_tiny_model` saves the offline CPU model
+
+
+@dataclass
+class PolicyConfig:
+    model: str = str(TINY_MODEL_DIR)  # local path or hub name (GPU: PAPER_MODEL); the tiny model is built if absent
+    history: int = 3  # past "action -> result" lines in the prompt; older steps are forgotten (memory carries them)
+    images: int = 1  # screenshots in the prompt: the latest, or the last few (the paper shows 2)
+    max_new_tokens: int = 48  # reply budget; constrained decoding always fits a complete reply in it
+    memory_tokens: int = 24  # constrained decoding: the memory line ends by this many tokens (leaves room to act)
+    temperature: float = 1.0  # the paper samples at 1.0; log-probs for the loss use the same temperature
+    constrained: bool | None = None  # grammar-constrained replies; None = on for the tiny model, off otherwise
+    device: str | None = None  # None: cuda if available, else cpu
+    dtype: str | None = None  # None: bfloat16 on GPU, float32 on CPU
+    gradient_checkpointing: bool = False  # trades compute for memory on big models; off on CPU
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompt and response
+
+SYSTEM_PROMPT = """You are a web agent. Each turn you see the goal, your memory, your last actions, the page's \
+elements as [N] marks and a screenshot. Reply with exactly two lines:
+Memory: <short note of what is done and what is next>
+Action: <one action>
+Actions: click(#N) | click(X, Y) | type(#N, "text") | type("text") | press("Key") | scroll(up) | scroll(down) | \
+go_back() | answer("text")
+#N is an element mark; X, Y are 0-1000 across the screenshot."""
+
+IMAGE_PAD, VISION_START, VISION_END = "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"
+
+
+@dataclass(frozen=True)
+class Turn:
+    """What the model saw at one step: enough to re-encode it exactly, for sampling now and training later."""
+    prompt: str  # the chat-templated text, with one image placeholder per screenshot
+    images: tuple[str, ...]  # ScreenshotStore keys, oldest first (references, never bytes)
+    n_marks: int  # element marks on the page: the grammar's range of #N
+
+
+@dataclass
+class AgentState:
+    """What the agent carries across the steps of one episode."""
+    memory: str = ""
+    history: list[str] = field(default_factory=list)  # "click(#3) -> ok"
+    screenshots: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Response:
+    memory: str
+    action: object | None  # an env.Action, or None when the reply is not valid
+    action_text: str  # what the model wrote after "Action:" (or the whole reply when that is missing)
+    error: str | None = None  # None | empty | no_action | truncated | syntax | unknown_action | ...
+
+
+_RESPONSE = re.compile(r"\s*Memory:[ \t]*(.*?)[ \t]*\n\s*Action:[ \t]*(.*?)\s*", re.DOTALL)
+
+
+def parse_response(text: str, truncated: bool = False) -> Response:
+    """(memory, action) from a reply; a malformed or truncated reply gives action=None and a reason, never raises."""
+    if truncated:  # the budget ran out mid-reply: whatever parses would be an accident
+        return Response("", None, text, "truncated")
+    if not text.strip():
+        return Response("", None, "", "empty")
+    m = _RESPONSE.fullmatch(text)
+    if m is None:
+        return Response("", None, text, "no_action")
+    memory, action_text = m.groups()
+    try:
+        return Response(memory, env.parse_action(action_text), action_text)
+    except env.ActionParseError as e:
+        return Response(memory, None, action_text, e.kind)
+
+
+def user_text(obs, state: AgentState, cfg: PolicyConfig) -> str:
+    lines = [f"Goal: {obs.goal}", f"Memory: {state.memory or '(empty)'}"]
+    if state.history:
+        lines += ["Last actions:"] + state.history[-cfg.history:]
+    if obs.error:
+        lines.append(f"Last action failed: {obs.error}")
+    lines += ["Elements:", obs.elements_text or "(none)"]
+    return "\n".join(lines)
+
+
+def messages(obs, state: AgentState, cfg: PolicyConfig) -> tuple[list[dict], tuple[str, ...]]:
+    """Chat messages in the transformers multimodal format, and the screenshot keys they show."""
+    shots = tuple(state.screenshots[-(cfg.images - 1):] if cfg.images > 1 else ()) + (obs.screenshot,)
+    shots = tuple(s for s in shots if s is not None)[-cfg.images:]
+    content = [{"type": "image"} for _ in shots] + [{"type": "text", "text": user_text(obs, state, cfg)}]
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}], shots
+
+
+def make_turn(tokenizer, obs, state: AgentState, cfg: PolicyConfig) -> Turn:
+    msgs, shots = messages(obs, state, cfg)
+    prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return Turn(prompt, shots, len(obs.elements))
+
+
+def update_state(state: AgentState, obs, response: Response, result) -> None:
+    """After a step: keep the new memory (a malformed reply keeps the old one), log the action and its result."""
+    if response.action is not None:
+        state.memory = response.memory
+    outcome = result.obs.error or result.info.get("end") or "ok"
+    state.history.append(f"{response.action_text.strip()[:60] or '(nothing)'} -> {outcome[:60]}")
+    if obs.screenshot:
+        state.screenshots.append(obs.screenshot)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoding: prompts + screenshots (+ response tokens) -> model inputs. The stock Qwen processors need torchvision,
+# which cannot be installed beside the CPU torch here; their job for images is small, so it is done here, with the
+# model's own tokenizer and image processor: expand each image placeholder to the number of visual tokens the
+# image becomes (grid t*h*w / merge^2), and mark those tokens in mm_token_type_ids (Qwen-VL's M-RoPE needs them).
+
+
+def screenshots(store, keys) -> list:
+    from PIL import Image
+
+    return [Image.open(io.BytesIO(store.get(k))).convert("RGB") for k in keys]
+
+
+def encode(tokenizer, image_processor, prompts: list[str], images: list[list], responses: list[list[int]] | None = None,
+           pad_left: bool = False) -> dict:
+    """Batch of model inputs. Responses (token ids, as sampled) are appended after their prompt; `response_mask`
+    marks them. Left padding for generation, right padding for training."""
+    flat = [img for row in images for img in row]
+    vision = image_processor(images=flat, return_tensors="pt") if flat else {}
+    merge = image_processor.merge_size
+    n_visual = iter((vision["image_grid_thw"].prod(-1) // merge**2).tolist() if flat else [])
+    pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    rows, resp = [], []
+    for i, prompt in enumerate(prompts):
+        ids = []
+        for tok in tokenizer(prompt, add_special_tokens=False)["input_ids"]:
+            ids += [tok] * next(n_visual) if tok == pad_id else [tok]
+        r = list(responses[i]) if responses is not None else []
+        rows.append(ids + r)
+        resp.append([0] * len(ids) + [1] * len(r))
+    width = max(map(len, rows))
+    batch = {k: torch.full((len(rows), width), v, dtype=torch.long)
+             for k, v in (("input_ids", tokenizer.pad_token_id), ("attention_mask", 0), ("response_mask", 0))}
+    for i, (ids, rm) in enumerate(zip(rows, resp)):
+        cols = slice(width - len(ids), width) if pad_left else slice(0, len(ids))
+        batch["input_ids"][i, cols] = torch.tensor(ids)
+        batch["attention_mask"][i, cols] = 1
+        batch["response_mask"][i, cols] = torch.tensor(rm)
+    batch["mm_token_type_ids"] = (batch["input_ids"] == pad_id).long() * batch["attention_mask"]
+    if flat:
+        batch["pixel_values"], batch["image_grid_thw"] = vision["pixel_values"], vision["image_grid_thw"]
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tiny model: the real Qwen3-VL architecture with a tiny config and random weights, built offline.
+#
+# Size (5.0M parameters): text 4 layers x 256 wide (4 query / 2 key-value heads of 64, as Qwen3's GQA), vision 2
+# layers x 128 wide, a 2048-token BPE. Why this size: a 2-core CPU must sample a batch of replies in well under a
+# second and take a gradient step in about a second, so that a run of a few minutes sees thousands of steps; and
+# what it must learn (match the goal's words to an element mark and copy it) is a few attention lookups deep. The
+# vocabulary is small on purpose: Qwen's 151k-token head would cost more than the rest of the model.
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", VISION_START, VISION_END, IMAGE_PAD, "<|video_pad|>"]
+# Qwen's chat format: <|im_start|>role\n ... <|im_end|>\n, an image as <|vision_start|><|image_pad|><|vision_end|>
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.content is string %}{{ m.content }}{% else %}{% for c in m.content %}"
+    "{% if c.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c.text }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _tokenizer_corpus() -> list[str]:
+    """Text the BPE learns its merges from: the MiniWoB++ pages themselves, plus the prompt's and replies' own words
+    (so that the system prompt and the grammar cost few tokens)."""
+    pages = sorted((env.MINIWOB_HTML / "miniwob").glob("*.html"))
+    corpus = [p.read_text(encoding="utf-8", errors="replace") for p in pages]
+    replies = [f"Memory: {m}\nAction: {a}" for m in ("", "clicked the button", "typed the text, submit next")
+               for a in ("click(#3)", "click(500, 120)", 'type(#1, "hello")', 'press("Enter")', "scroll(down)",
+                         "go_back()", 'answer("done")')]
+    turn = "Goal: Click on the button.\nMemory: (empty)\nLast actions:\nclick(#1) -> ok\nElements:\n[0] button \"OK\""
+    return corpus + [SYSTEM_PROMPT, turn] * 50 + replies * 20
+
+
+def build_tiny_model(path: str | Path = TINY_MODEL_DIR, seed: int = 0) -> Path:
+    """Build and save the tiny model, its tokenizer and image processor under `path` (skipped if already there)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessorPil, Qwen3VLConfig, \
+        Qwen3VLForConditionalGeneration
+
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # byte-level: any text is encodable
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(_tokenizer_corpus(), trainers.BpeTrainer(
+        vocab_size=2048, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    # Qwen-VL preprocessing: 16px patches, 2x2 merged into one visual token; a 160x210 MiniWoB++ screenshot is
+    # resized to 160x224 and becomes 35 visual tokens
+    image_processor = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
+                                               image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in
+           (("image_token_id", IMAGE_PAD), ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", VISION_START), ("vision_end_token_id", VISION_END))}
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[12, 10, 10],
+                                              mrope_interleaved=True),  # sections sum to head_dim / 2
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id),
+        vision_config=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, patch_size=16,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=256,
+                           num_position_embeddings=256, deepstack_visual_indexes=[1]),
+        tie_word_embeddings=True, **ids)
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    path.mkdir(parents=True, exist_ok=True)
+    for part in (model, tokenizer, image_processor):
+        part.save_pretrained(path)
+    (path / "asyncwebrl-tiny").write_text("built by 02_policy.build_tiny_model: constrained decoding on by default\n")
+    return path
+
+
+def is_tiny(path: str) -> bool:
+    return Path(path).resolve() == TINY_MODEL_DIR.resolve() or (Path(path) / "asyncwebrl-tiny").exists()
+
+
+def load_model(cfg: PolicyConfig, trainable: bool):
+    """(model, tokenizer, image_processor) through the ordinary from_pretrained path, tiny model or Qwen3-VL-8B."""
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    path = cfg.model
+    if Path(path).resolve() == TINY_MODEL_DIR.resolve():
+        build_tiny_model(path)
+    elif not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise FileNotFoundError(f"model {path!r}: no such directory, and HF_HUB_OFFLINE=1 forbids the hub")
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype else torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    image_processor = AutoImageProcessor.from_pretrained(path, backend="pil") if device == "cpu" else \
+        AutoImageProcessor.from_pretrained(path)
+    if tokenizer.chat_template is None:  # some Qwen-VL repos keep the template with the processor only
+        tokenizer.chat_template = CHAT_TEMPLATE
+    model.train(trainable)
+    model.requires_grad_(trainable)
+    if trainable and cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model, tokenizer, image_processor
+
+
+def constrained(cfg: PolicyConfig) -> bool:
+    return cfg.constrained if cfg.constrained is not None else is_tiny(cfg.model)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Constrained decoding. A randomly initialised model writes noise; restricted to the reply grammar it writes valid
+# (random) actions from its first step, which is what lets RL start from scratch. outlines-core compiles the
+# grammar (a regex) into token-level transitions. Two rules make it exact for RL:
+#  * budget: a token is allowed only if a complete reply can still end within max_new_tokens after it, so a
+#    constrained reply is never truncated;
+#  * log-probs: the sampler draws from softmax(logits / T) renormalised over the allowed tokens, and the behaviour
+#    log-probs it returns are those of that masked distribution. Policy.logprobs replays the same mask over the
+#    response tokens, so pi_theta, pi_prox and pi_behave in the loss are all the distribution actually sampled.
+
+_STR = r'[ !#-\[\]-~]*'  # printable ASCII without " and \ (an unbounded repeat: bounded ones blow up the DFA)
+_INT = r"(1000|[1-9][0-9]{0,2}|0)"
+
+
+def reply_regex(n_marks: int) -> str:
+    mark = "#(" + "|".join(str(i) for i in range(max(n_marks, 1))) + ")"
+    keys = "|".join(sorted(env.KEYS))
+    action = (rf'click\({mark}\)|click\({_INT}, {_INT}\)|type\({mark}, "{_STR}"\)|type\("{_STR}"\)|'
+              rf'press\("({keys})"\)|scroll\((up|down)\)|go_back\(\)|answer\("{_STR}"\)')
+    return rf"Memory: [ -~]*\nAction: ({action})"
+
+
+class ActionGrammar:
+    def __init__(self, tokenizer, max_new_tokens: int, memory_tokens: int):
+        from outlines_core import Vocabulary
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        byte_of = {u: b for b, u in bytes_to_unicode().items()}  # byte-level BPE spells bytes as unicode chars
+        special = set(tokenizer.all_special_ids)
+        vocab: dict[bytes, list[int]] = {}
+        for tok, i in tokenizer.get_vocab().items():
+            if i not in special and all(c in byte_of for c in tok):
+                vocab.setdefault(bytes(byte_of[c] for c in tok), []).append(i)
+        self.newline = {i for b, ids in vocab.items() if b"\n" in b for i in ids}  # tokens that end the memory line
+        self.eos, self.budget, self.memory_budget = tokenizer.eos_token_id, max_new_tokens, memory_tokens
+        self.vocab_size = len(tokenizer)
+        self.vocabulary = Vocabulary(self.eos, vocab)
+
+    @lru_cache(maxsize=64)
+    def automaton(self, n_marks: int):
+        """(index, transitions, table, memory_states); table[s] = (tokens, dist after token, ends memory line),
+        where dist[s] = fewest tokens from state s to a complete reply."""
+        from outlines_core import Index
+
+        index = Index(reply_regex(n_marks), self.vocabulary)
+        trans = index.get_transitions()
+        dist = {s: 0 for s in index.get_final_states()}
+        frontier, back = list(dist), {}
+        for s, edges in trans.items():
+            for s2 in set(edges.values()):
+                back.setdefault(s2, []).append(s)
+        while frontier:  # breadth-first search backwards from the final states
+            reached = {s: dist[s2] + 1 for s2 in frontier for s in back.get(s2, ()) if s not in dist}
+            dist.update(reached)
+            frontier = list(reached)
+        memory, frontier = set(), [index.get_initial_state()]
+        while frontier:  # states inside the memory line: reachable without a newline
+            s = frontier.pop()
+            if s not in memory:
+                memory.add(s)
+                frontier += [s2 for tok, s2 in trans.get(s, {}).items() if tok not in self.newline]
+        table = {s: (np.array(list(e)), np.array([dist.get(s2, 10**9) for s2 in e.values()]),
+                     np.array([tok in self.newline for tok in e])) for s, e in trans.items()}
+        if dist[index.get_initial_state()] + 1 > self.budget:
+            raise ValueError(f"max_new_tokens={self.budget} cannot fit the shortest valid reply")
+        return index, trans, table, memory
+
+    def allowed(self, n_marks: int, state: int, t: int) -> np.ndarray:
+        """Tokens allowed at reply position t (0-based) in `state`: the reply must still end (with EOS) in budget,
+        and a memory line that reached its budget must end now."""
+        index, _, table, memory = self.automaton(n_marks)
+        toks, dists, ends_line = table.get(state, (np.zeros(0, int), np.zeros(0, int), np.zeros(0, bool)))
+        ok = dists + 2 <= self.budget - t  # this token, dist more, then EOS
+        if t >= self.memory_budget and state in memory and (ok & ends_line).any():
+            ok &= ends_line
+        return np.append(toks[ok], self.eos) if index.is_final_state(state) else toks[ok]
+
+    def step(self, n_marks: int, state: int, token: int) -> int:
+        return self.automaton(n_marks)[1][state][token]
+
+    def masks(self, n_marks: int, tokens: list[int]) -> torch.Tensor:
+        """[len(tokens), V] bool: what the sampler allowed at each position of this reply."""
+        state = self.automaton(n_marks)[0].get_initial_state()
+        out = torch.zeros(len(tokens), self.vocab_size, dtype=torch.bool)
+        for t, tok in enumerate(tokens):
+            out[t, torch.from_numpy(self.allowed(n_marks, state, t))] = True
+            if tok != self.eos:
+                state = self.step(n_marks, state, tok)
+        return out
+
+
+class GrammarLogitsProcessor:
+    """transformers LogitsProcessor: -inf on every token the grammar (and the budget) forbids, per batch row."""
+
+    def __init__(self, grammar: ActionGrammar, n_marks: list[int], prompt_width: int):
+        self.grammar, self.n_marks, self.width = grammar, n_marks, prompt_width
+        self.states = [grammar.automaton(n)[0].get_initial_state() for n in n_marks]
+        self.done = [False] * len(n_marks)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        t = input_ids.shape[1] - self.width
+        mask = torch.full_like(scores, float("-inf"))
+        for row, n in enumerate(self.n_marks):
+            if t > 0 and not self.done[row]:
+                last = int(input_ids[row, -1])
+                if last == self.grammar.eos:
+                    self.done[row] = True
+                else:
+                    self.states[row] = self.grammar.step(n, self.states[row], last)
+            if self.done[row]:
+                mask[row] = 0  # finished rows only receive padding
+            else:
+                mask[row, torch.from_numpy(self.grammar.allowed(n, self.states[row], t))] = 0
+        return scores + mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Policy: the training side
+
+
+class _Prompter:
+    """Policy and samplers both build turns with their model's own chat template."""
+
+    def turn(self, obs, state: AgentState) -> Turn:
+        return make_turn(self.tokenizer, obs, state, self.cfg)
+
+
+class Policy(_Prompter):
+    """Per-token log-probs of response tokens under the current weights, for the loss (and for pi_prox)."""
+
+    def __init__(self, cfg: PolicyConfig, trainable: bool = True):
+        self.cfg = cfg
+        self.model, self.tokenizer, self.image_processor = load_model(cfg, trainable)
+        self.grammar = ActionGrammar(self.tokenizer, cfg.max_new_tokens, cfg.memory_tokens) if constrained(cfg) else None
+
+    @property
+    def device(self):
+        return self.model.device
+
+    def logprobs(self, turns: list[Turn], responses: list[list[int]], store) -> tuple[torch.Tensor, torch.Tensor]:
+        """log pi(token | prompt, earlier tokens) of every response token: ([S, T] float32, [S, T] mask).
+        Same temperature and the same grammar mask as the sampler, so the numbers are comparable."""
+        batch = encode(self.tokenizer, self.image_processor, [t.prompt for t in turns],
+                       [screenshots(store, t.images) for t in turns], responses)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        resp = batch.pop("response_mask")
+        width = max(len(r) for r in responses)
+        # position p predicts token p+1: gather the hidden states just before each response token, and apply the
+        # LM head to those only (a full [S, L, V] logits tensor would dwarf everything for a 151k vocabulary)
+        start = resp.float().argmax(1)  # first response column of each row (right padding)
+        cols = (start[:, None] - 1 + torch.arange(width, device=self.device)).clamp(max=resp.shape[1] - 1)
+        hidden = self.model.model(**batch).last_hidden_state
+        hidden = hidden.gather(1, cols[..., None].expand(-1, -1, hidden.shape[-1]))
+        logits = self.model.lm_head(hidden).float() / self.cfg.temperature
+        mask = torch.zeros(len(turns), width, dtype=torch.bool, device=self.device)
+        tokens = torch.full((len(turns), width), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
+        for i, r in enumerate(responses):
+            mask[i, :len(r)] = True
+            tokens[i, :len(r)] = torch.tensor(r)
+        if self.grammar is not None:
+            allowed = torch.ones_like(logits, dtype=torch.bool)
+            for i, (turn, r) in enumerate(zip(turns, responses)):
+                allowed[i, :len(r)] = self.grammar.masks(turn.n_marks, r).to(self.device)
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        logp = logits.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+        return logp.masked_fill(~mask, 0.0), mask
+
+    def state_dict(self) -> dict:
+        return {k: v.detach() for k, v in self.model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Samplers: the rollout side. One interface: sample(turns, store) -> [Sample]; load_weights(state_dict, version).
+
+
+@dataclass
+class Sample:
+    text: str
+    token_ids: list[int]  # as sampled, EOS included when the reply ended; the trainer uses these, not the text
+    logprobs: list[float]  # behaviour log-prob of every sampled token (the distribution actually sampled from)
+    version: int  # policy version whose weights produced this reply
+    truncated: bool  # the budget ran out before EOS
+
+
+class HFSampler(_Prompter):
+    """transformers `generate`, batched over every step that waits for an action. Its own copy of the weights, so
+    the trainer can update in parallel; a lock makes a weight load and a batch of sampling mutually exclusive."""
+
+    def __init__(self, cfg: PolicyConfig, version: int = 0):
+        from transformers import GenerationConfig
+
+        self.cfg, self.version = cfg, version
+        self.model, self.tokenizer, self.image_processor = load_model(cfg, trainable=False)
+        self.grammar = ActionGrammar(self.tokenizer, cfg.max_new_tokens, cfg.memory_tokens) if constrained(cfg) else None
+        self.lock = threading.Lock()
+        common = dict(max_new_tokens=cfg.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
+                      pad_token_id=self.tokenizer.pad_token_id, return_dict_in_generate=True, output_scores=True)
+        # explicit, so a model's own generation_config (Qwen's top_k=20, top_p=0.8, ...) cannot alter sampling:
+        # the loss assumes replies come from softmax(logits / T), nothing else
+        self.gen_sample = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0, **common)
+        self.gen_greedy = GenerationConfig(do_sample=False, **common)
+
+    @torch.no_grad()
+    def sample(self, turns: list[Turn], store, greedy: bool = False) -> list[Sample]:
+        batch = encode(self.tokenizer, self.image_processor, [t.prompt for t in turns],
+                       [screenshots(store, t.images) for t in turns], pad_left=True)
+        batch.pop("response_mask")
+        batch = {k: v.to(self.model.device) for k, v in batch.items()}
+        width = batch["input_ids"].shape[1]
+        processors = [GrammarLogitsProcessor(self.grammar, [t.n_marks for t in turns], width)] if self.grammar else []
+        with self.lock:
+            version = self.version
+            out = self.model.generate(**batch, generation_config=self.gen_greedy if greedy else self.gen_sample,
+                                      logits_processor=processors)
+        tokens = out.sequences[:, width:].cpu()
+        logp = torch.stack(out.scores, 1).float().log_softmax(-1).cpu()  # scores = the processed, sampled-from logits
+        logp = logp.gather(-1, tokens[..., None]).squeeze(-1)
+        samples = []
+        for row, lp in zip(tokens.tolist(), logp.tolist()):
+            n = row.index(self.tokenizer.eos_token_id) + 1 if self.tokenizer.eos_token_id in row else len(row)
+            text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
+            samples.append(Sample(text, row[:n], lp[:n], version, truncated=self.tokenizer.eos_token_id not in row))
+        return samples
+
+    def load_weights(self, state_dict: dict, version: int) -> None:
+        with self.lock:  # waits for the batch in flight; the next batch sees only the new weights
+            self.model.load_state_dict(state_dict)
+            self.version = version
+
+
+class VLLMSampler(_Prompter):
+    """vLLM's offline engine (GPU; `pip install .[gpu]`). Written against vLLM >= 0.11: `logprobs_mode=
+    "processed_logprobs"` returns log-probs of the distribution sampled from (after temperature), and new weights
+    go in place through a worker extension (asyncwebrl/vllm_worker.py) called with `collective_rpc`."""
+
+    def __init__(self, cfg: PolicyConfig, version: int = 0, **engine_args):
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError as e:
+            raise ImportError("the vLLM sampler needs `pip install .[gpu]` on a CUDA machine") from e
+        from transformers import AutoTokenizer
+
+        if constrained(cfg):
+            raise ValueError("constrained decoding is implemented for the transformers sampler only "
+                             "(it needs the exact budget-aware mask that Policy.logprobs replays)")
+        self.cfg, self.version, self.lock = cfg, version, threading.Lock()
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        self.llm = LLM(model=cfg.model, worker_extension_cls="asyncwebrl.vllm_worker.WeightUpdater",
+                       logprobs_mode="processed_logprobs", limit_mm_per_prompt={"image": cfg.images}, **engine_args)
+        self.params = SamplingParams(temperature=cfg.temperature, top_k=-1, top_p=1.0, logprobs=0,
+                                     max_tokens=cfg.max_new_tokens)
+        self.greedy = SamplingParams(temperature=0.0, logprobs=0, max_tokens=cfg.max_new_tokens)
+
+    def sample(self, turns: list[Turn], store, greedy: bool = False) -> list[Sample]:
+        prompts = [{"prompt": t.prompt, "multi_modal_data": {"image": screenshots(store, t.images)}} for t in turns]
+        with self.lock:
+            version = self.version
+            outs = self.llm.generate(prompts, self.greedy if greedy else self.params, use_tqdm=False)
+        samples = []
+        for out in outs:
+            c = out.outputs[0]
+            lp = [step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs)]
+            samples.append(Sample(c.text, list(c.token_ids), lp, version, truncated=c.finish_reason == "length"))
+        return samples
+
+    def load_weights(self, state_dict: dict, version: int) -> None:
+        with self.lock:
+            self.llm.collective_rpc("load_named_weights", args=([(k, v.cpu()) for k, v in state_dict.items()],))
+            self.llm.reset_prefix_cache()  # cached prompt KV was computed by the old weights
+            self.version = version
+
+
+def make_sampler(cfg: PolicyConfig, engine: str = "auto", **engine_args):
+    """engine: hf | vllm | auto (vLLM when installed and on GPU with an unconstrained policy, else transformers)."""
+    if engine == "auto":
+        try:
+            import vllm  # noqa: F401
+            engine = "vllm" if torch.cuda.is_available() and not constrained(cfg) else "hf"
+        except ImportError:
+            engine = "hf"
+    return VLLMSampler(cfg, **engine_args) if engine == "vllm" else HFSampler(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Demo: `python 02_policy.py` builds the tiny model if absent and lets it act on one MiniWoB++ page.
+
+
+async def _observe(task_name: str, seed: int):
+    store = env.ScreenshotStore()
+    with env.TaskServer() as server:
+        browser = env.Browser()
+        page = env.BrowserEnv(browser, store, server.base)
+        try:
+            obs = await page.reset(env.miniwob_tasks(names=[task_name])[0], seed=seed)
+        finally:
+            await page.close()
+            await browser.close()
+    return obs, store
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="02_policy: build the tiny offline Qwen3-VL (if absent), show it "
+                                                 "one MiniWoB++ page, print the prompt, its reply and the action.")
+    parser.add_argument("--model", default=str(TINY_MODEL_DIR),
+                        help=f"model path or hub name (default: the tiny model at {TINY_MODEL_DIR}; "
+                             f"the paper's is {PAPER_MODEL})")
+    parser.add_argument("--task", default="click-button", help="MiniWoB++ task name (default: click-button)")
+    parser.add_argument("--seed", type=int, default=0, help="episode seed, also seeds sampling (default: 0)")
+    parser.add_argument("--unconstrained", action="store_true",
+                        help="sample without the grammar constraint (a random tiny model then writes noise)")
+    parser.add_argument("--bench", action="store_true",
+                        help="time the tiny model (forward, forward+backward, sampling; batch of 8 real steps) "
+                             "and write figures/policy_bench.json")
+    args = parser.parse_args(argv)
+    if args.bench:
+        from asyncwebrl.policy_bench import run_benchmark
+
+        return run_benchmark(ROOT / "figures" / "policy_bench.json")
+    try:
+        env.miniwob_tasks(names=[args.task])
+    except ValueError as e:
+        parser.error(str(e))
+    cfg = PolicyConfig(model=args.model, constrained=False if args.unconstrained else None)
+    obs, store = asyncio.run(_observe(args.task, args.seed))
+    torch.manual_seed(args.seed)
+    sampler = HFSampler(cfg)
+    n_params = sum(p.numel() for p in sampler.model.parameters())
+    turn = make_turn(sampler.tokenizer, obs, AgentState(), cfg)
+    sample = sampler.sample([turn], store)[0]
+    response = parse_response(sample.text, sample.truncated)
+    print(f"model: {cfg.model} ({n_params / 1e6:.1f}M parameters, constrained decoding {constrained(cfg)})")
+    print(f"--- prompt ({len(sampler.tokenizer(turn.prompt)['input_ids'])} text tokens + {len(turn.images)} "
+          f"screenshot) ---\n{turn.prompt}")
+    print(f"--- reply ({len(sample.token_ids)} tokens, log-prob {sum(sample.logprobs):.1f}) ---\n{sample.text}")
+    print(f"--- parsed ---\nmemory: {response.memory!r}\naction: {response.action} (error: {response.error})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""02_policy: prompt and reply format, the tiny offline Qwen3-VL, log-probs, both samplers, constrained decoding."""
+import io
+import random
+import threading
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from asyncwebrl import load
+
+env = load("01_env")
+pol = load("02_policy")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return pol.build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def cfg(tiny_dir):
+    return pol.PolicyConfig(model=str(tiny_dir))
+
+
+@pytest.fixture(scope="session")
+def policy(cfg):
+    return pol.Policy(cfg)
+
+
+@pytest.fixture(scope="session")
+def store():
+    """Two distinct synthetic screenshots (no browser needed for the model tests)."""
+    from PIL import Image, ImageDraw
+
+    s = env.ScreenshotStore()
+    for n, color in enumerate(("white", "black")):
+        img = Image.new("RGB", (160, 210), color)
+        ImageDraw.Draw(img).rectangle((20 + 40 * n, 50, 90, 80), fill="red")
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=60)
+        s.put("ep", buf.getvalue())
+    return s
+
+
+def observation(n_marks=3, goal="Click on the OK button.", shot="ep:0", error=None):
+    elements = tuple(env.Element(i, "button", f"b{i}" if i else "OK", (10.0, 10.0 + 20 * i, 40.0, 15.0))
+                     for i in range(n_marks))
+    return env.Observation(goal=goal, url="http://x/", screenshot=shot, elements=elements, error=error)
+
+
+def turns_of(policy, goals_marks):
+    return [policy.turn(observation(n, g, shot=f"ep:{i % 2}"), pol.AgentState()) for i, (g, n) in enumerate(goals_marks)]
+
+
+BATCH = [("Click on the OK button.", 3), ("Select nothing and press submit please, then stop.", 7),
+         ("Go.", 1), ("Type hello into the box.", 12)]
+
+
+def behaviour(samples):
+    width = max(len(s.token_ids) for s in samples)
+    out = torch.zeros(len(samples), width)
+    for i, s in enumerate(samples):
+        out[i, :len(s.logprobs)] = torch.tensor(s.logprobs)
+    return out
+
+
+# -- prompt and reply -----------------------------------------------------------------------------------------------
+
+
+def test_chat_template_holds_every_part_and_round_trips(policy):
+    state = pol.AgentState(memory="clicked OK once", history=["click(#0) -> ok", 'type("x") -> ok'])
+    turn = policy.turn(observation(error="no element [9] on the page"), state)
+    p = turn.prompt
+    assert p.startswith("<|im_start|>system\n" + pol.SYSTEM_PROMPT) and p.endswith("<|im_start|>assistant\n")
+    for part in ("Goal: Click on the OK button.", "Memory: clicked OK once", "click(#0) -> ok",
+                 "Last action failed: no element [9]", '[0] button "OK"', pol.IMAGE_PAD):
+        assert part in p
+    assert p.count(pol.IMAGE_PAD) == len(turn.images) == 1 and turn.n_marks == 3
+    ids = policy.tokenizer(p, add_special_tokens=False)["input_ids"]
+    assert policy.tokenizer.decode(ids) == p  # byte-level BPE: text -> tokens -> text is exact
+
+
+def test_history_and_image_windows_follow_the_config(policy):
+    cfg = pol.PolicyConfig(model=policy.cfg.model, history=2, images=2)
+    state = pol.AgentState(history=["a -> ok", "b -> ok", "c -> ok"], screenshots=["ep:0"])
+    turn = pol.make_turn(policy.tokenizer, observation(shot="ep:1"), state, cfg)
+    assert "a -> ok" not in turn.prompt and "b -> ok" in turn.prompt and "c -> ok" in turn.prompt
+    assert turn.images == ("ep:0", "ep:1") and turn.prompt.count(pol.IMAGE_PAD) == 2
+
+
+def test_reply_parses_to_memory_and_action():
+    r = pol.parse_response("Memory: OK is done, submit next\nAction: click(#4)")
+    assert (r.memory, r.action, r.error) == ("OK is done, submit next", env.Action("click", mark=4), None)
+    assert pol.parse_response(" Memory:\n Action: scroll(down) ").action == env.Action("scroll", text="down")
+
+
+@pytest.mark.parametrize("text,error", [("", "empty"), ("click(#1)", "no_action"), ("Memory: x", "no_action"),
+                                        ("Memory: x\nAction: jump(#1)", "unknown_action"),
+                                        ("Memory: x\nAction: click(#1", "syntax"),
+                                        ("Memory: x\nAction: click(#1)\nAction: click(#2)", "syntax")])
+def test_malformed_reply_is_an_invalid_action_not_an_exception(text, error):
+    r = pol.parse_response(text)
+    assert r.action is None and r.error == error
+
+
+def test_truncated_reply_is_invalid_even_if_it_happens_to_parse():
+    r = pol.parse_response("Memory: x\nAction: click(#1)", truncated=True)
+    assert r.action is None and r.error == "truncated"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_parse_response_never_raises(text):
+    r = pol.parse_response(text)
+    assert (r.action is None) == (r.error is not None)
+
+
+def test_state_update_keeps_memory_of_valid_replies_only():
+    state, obs = pol.AgentState(memory="old"), observation()
+    result = env.StepResult(observation(), 0.0, False, {})
+    pol.update_state(state, obs, pol.parse_response("Memory: new\nAction: click(#1)"), result)
+    pol.update_state(state, obs, pol.parse_response("nonsense"), result)
+    assert state.memory == "new" and state.history == ["click(#1) -> ok", "nonsense -> ok"]
+    assert state.screenshots == ["ep:0", "ep:0"]
+
+
+# -- the model ------------------------------------------------------------------------------------------------------
+
+
+def test_tiny_model_is_a_real_qwen3vl_loaded_by_from_pretrained(policy, tiny_dir):
+    from transformers import Qwen3VLForConditionalGeneration
+
+    assert isinstance(policy.model, Qwen3VLForConditionalGeneration)
+    n = sum(p.numel() for p in policy.model.parameters())
+    assert 1e6 < n < 20e6
+    assert pol.is_tiny(str(tiny_dir)) and pol.constrained(policy.cfg)
+    assert policy.model.dtype == torch.float32  # CPU: fp32
+
+
+def test_image_and_text_forward_depends_on_the_image(policy, store):
+    turn = policy.turn(observation(), pol.AgentState())
+    reply = policy.tokenizer("Memory: x\nAction: click(#0)")["input_ids"] + [policy.tokenizer.eos_token_id]
+    with torch.no_grad():
+        a, mask = policy.logprobs([turn], [reply], store)
+        b, _ = policy.logprobs([pol.Turn(turn.prompt, ("ep:1",), 3)], [reply], store)
+    assert a.shape == mask.shape == (1, len(reply)) and mask.all() and torch.isfinite(a).all()
+    assert (a <= 0).all() and (a - b).abs().max() > 1e-4  # another screenshot, other probabilities
+
+
+@pytest.mark.parametrize("constrained,temperature", [(True, 1.0), (False, 1.0), (True, 0.7)])
+def test_sampler_logprobs_match_policy_recomputation(cfg, store, constrained, temperature):
+    c = pol.PolicyConfig(model=cfg.model, constrained=constrained, temperature=temperature, max_new_tokens=32)
+    policy, sampler = pol.Policy(c), pol.HFSampler(c)
+    turns = turns_of(policy, BATCH * 2)  # 8 steps, prompts of different lengths: exercises the padding
+    torch.manual_seed(0)
+    samples = sampler.sample(turns, store)
+    with torch.no_grad():
+        logp, mask = policy.logprobs(turns, [s.token_ids for s in samples], store)
+    assert mask.sum(1).tolist() == [len(s.token_ids) for s in samples]
+    assert (logp - behaviour(samples))[mask].abs().max() < 1e-4
+    if constrained:
+        assert all(pol.parse_response(s.text, s.truncated).action is not None for s in samples)
+
+
+def test_constrained_replies_are_never_truncated_even_on_a_small_budget(cfg, store):
+    c = pol.PolicyConfig(model=cfg.model, max_new_tokens=16, memory_tokens=6)
+    sampler = pol.HFSampler(c)
+    torch.manual_seed(1)
+    samples = sampler.sample(turns_of(sampler, BATCH * 2), store)
+    assert all(not s.truncated and len(s.token_ids) <= 16 for s in samples)
+    assert all(pol.parse_response(s.text).action is not None for s in samples)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n_marks=st.integers(1, 30), seed=st.integers(0, 2**32 - 1), budget=st.integers(14, 48))
+def test_constrained_decoding_never_emits_an_invalid_action(policy, n_marks, seed, budget):
+    """Walk the grammar with random token choices (any distribution a model could have): every reply parses,
+    names an existing mark, and ends within the budget."""
+    grammar = pol.ActionGrammar(policy.tokenizer, budget, memory_tokens=budget // 2)
+    rng = random.Random(seed)
+    state, tokens = grammar.automaton(n_marks)[0].get_initial_state(), []
+    for t in range(budget):
+        allowed = grammar.allowed(n_marks, state, t)
+        assert len(allowed) > 0
+        tok = int(rng.choice(allowed))
+        tokens.append(tok)
+        if tok == grammar.eos:
+            break
+        state = grammar.step(n_marks, state, tok)
+    assert tokens[-1] == grammar.eos
+    r = pol.parse_response(policy.tokenizer.decode(tokens, skip_special_tokens=True))
+    assert r.action is not None, r
+    assert r.action.mark is None or r.action.mark < n_marks
+
+
+def test_weight_refresh_changes_outputs_and_bumps_the_version(cfg, store):
+    sampler = pol.HFSampler(cfg)
+    turns = turns_of(sampler, BATCH)
+    torch.manual_seed(0)
+    before = sampler.sample(turns, store)
+    new = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+           for k, v in sampler.model.state_dict().items()}
+    sampler.load_weights(new, version=7)
+    torch.manual_seed(0)
+    after = sampler.sample(turns, store)
+    assert {s.version for s in before} == {0} and {s.version for s in after} == {7}
+    assert any(a.token_ids != b.token_ids or a.logprobs != b.logprobs for a, b in zip(after, before))
+    assert torch.equal(sampler.model.state_dict()["lm_head.weight"], new["lm_head.weight"])
+
+
+def test_weight_load_waits_for_the_batch_in_flight(cfg, store, monkeypatch):
+    """Atomicity: a batch that started on version 0 finishes on version 0's weights; the load lands after it."""
+    sampler = pol.HFSampler(cfg)
+    generating, release, order = threading.Event(), threading.Event(), []
+    real = sampler.model.generate
+
+    def slow_generate(*a, **k):
+        generating.set()
+        release.wait(10)
+        order.append("generate")
+        return real(*a, **k)
+
+    monkeypatch.setattr(sampler.model, "generate", slow_generate)
+    result = {}
+    t1 = threading.Thread(target=lambda: result.update(s=sampler.sample(turns_of(sampler, BATCH[:1]), store)))
+    t1.start()
+    assert generating.wait(10)
+    t2 = threading.Thread(target=lambda: (sampler.load_weights(sampler.model.state_dict(), 1), order.append("load")))
+    t2.start()
+    time.sleep(0.2)
+    assert order == [] and sampler.version == 0  # the load is blocked while the batch samples
+    release.set()
+    t1.join(10), t2.join(10)
+    assert order == ["generate", "load"] and result["s"][0].version == 0 and sampler.version == 1
+
+
+def test_save_load_round_trip_gives_identical_logprobs(policy, store, tmp_path):
+    turns = turns_of(policy, BATCH)
+    replies = [policy.tokenizer(f"Memory: m{i}\nAction: click(#0)")["input_ids"] + [policy.tokenizer.eos_token_id]
+               for i in range(len(turns))]
+    with torch.no_grad():
+        a, _ = policy.logprobs(turns, replies, store)
+    policy.model.save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json",
+                 "asyncwebrl-tiny"):
+        (tmp_path / name).write_bytes((pol.Path(policy.cfg.model) / name).read_bytes())
+    again = pol.Policy(pol.PolicyConfig(model=str(tmp_path)))
+    with torch.no_grad():
+        b, _ = again.logprobs(turns, replies, store)
+    assert torch.equal(a, b)
+
+
+def test_backward_reaches_the_vision_tower(policy, store):
+    turns = turns_of(policy, BATCH[:2])
+    replies = [policy.tokenizer("Memory: a\nAction: click(#0)")["input_ids"] + [policy.tokenizer.eos_token_id]] * 2
+    policy.model.zero_grad()
+    logp, mask = policy.logprobs(turns, replies, store)
+    (-logp[mask].mean()).backward()
+    grads = {n: p.grad for n, p in policy.model.named_parameters()}
+    assert grads["model.visual.patch_embed.proj.weight"].abs().sum() > 0
+    assert policy.model.get_input_embeddings().weight.grad.abs().sum() > 0  # tied with the LM head
+    policy.model.zero_grad()
+
+
+def test_missing_model_path_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        pol.Policy(pol.PolicyConfig(model="/nonexistent/model"))
+
+
+def test_vllm_sampler_matches_policy_logprobs(cfg, store):
+    pytest.importorskip("vllm")
+    if not torch.cuda.is_available():
+        pytest.skip("vLLM needs a CUDA GPU")
+    c = pol.PolicyConfig(model=cfg.model, constrained=False, max_new_tokens=16)
+    sampler, policy = pol.VLLMSampler(c, gpu_memory_utilization=0.3), pol.Policy(c)
+    turns = turns_of(policy, BATCH)
+    samples = sampler.sample(turns, store)
+    with torch.no_grad():
+        logp, mask = policy.logprobs(turns, [s.token_ids for s in samples], store)
+    assert (logp.float().cpu() - behaviour(samples))[mask.cpu()].abs().max() < 0.05  # bf16 engine vs bf16 trainer
+    new = {k: v + 0.05 * torch.randn_like(v) for k, v in policy.model.state_dict().items()}
+    sampler.load_weights(new, version=3)
+    assert sampler.sample(turns[:1], store)[0].version == 3
+
+
+@pytest.mark.browser
+def test_demo_acts_on_a_real_page(capsys):
+    pol.main(["--task", "click-button", "--seed", "3"])
+    out = capsys.readouterr().out
+    assert "Goal: Click on the" in out and "--- parsed ---" in out and "(error: None)" in out
