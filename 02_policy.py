@@ -103,8 +103,8 @@ _RESPONSE = re.compile(r"\s*Memory:[ \t]*(.*?)[ \t]*\n\s*Action:[ \t]*(.*?)\s*",
 
 def parse_response(text: str, truncated: bool = False) -> Response:
     """(memory, action) from a reply; a malformed or truncated reply gives action=None and a reason, never raises."""
-    if truncated:  # the budget ran out mid-reply: whatever parses would be an accident
-        return Response("", None, text, "truncated")
+    if truncated:  # the budget ran out mid-reply: whatever parses would be an accident, so nothing is acted on
+        return Response("", None, "", "truncated")
     if not text.strip():
         return Response("", None, "", "empty")
     m = _RESPONSE.fullmatch(text)
@@ -390,6 +390,9 @@ class ActionGrammar:
         for t, tok in enumerate(tokens):
             out[t, torch.from_numpy(self.allowed(n_marks, state, t))] = True
             if tok != self.eos:
+                if tok not in self.automaton(n_marks)[1].get(state, {}):
+                    raise ValueError(f"reply token {t} ({tok}) is outside the reply grammar: constrained log-probs "
+                                     f"are only defined for replies the constrained sampler could write")
                 state = self.step(n_marks, state, tok)
         return out
 

@@ -31,3 +31,26 @@ def browser_env(env_mod):
         return asyncio.run(main())
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The tiny offline Qwen3-VL, built once per test session in a temporary folder."""
+    return load("02_policy").build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def shot_store(env_mod):
+    """A ScreenshotStore with two distinct synthetic screenshots, keys "ep:0" and "ep:1" (no browser needed)."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    store = env_mod.ScreenshotStore()
+    for n, color in enumerate(("white", "black")):
+        img = Image.new("RGB", (160, 210), color)
+        ImageDraw.Draw(img).rectangle((20 + 40 * n, 50, 90, 80), fill="red")
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=60)
+        store.put("ep", buf.getvalue())
+    return store

@@ -1,5 +1,4 @@
 """02_policy: prompt and reply format, the tiny offline Qwen3-VL, log-probs, both samplers, constrained decoding."""
-import io
 import random
 import threading
 import time
@@ -16,11 +15,6 @@ pol = load("02_policy")
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    return pol.build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
-
-
-@pytest.fixture(scope="session")
 def cfg(tiny_dir):
     return pol.PolicyConfig(model=str(tiny_dir))
 
@@ -31,18 +25,8 @@ def policy(cfg):
 
 
 @pytest.fixture(scope="session")
-def store():
-    """Two distinct synthetic screenshots (no browser needed for the model tests)."""
-    from PIL import Image, ImageDraw
-
-    s = env.ScreenshotStore()
-    for n, color in enumerate(("white", "black")):
-        img = Image.new("RGB", (160, 210), color)
-        ImageDraw.Draw(img).rectangle((20 + 40 * n, 50, 90, 80), fill="red")
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=60)
-        s.put("ep", buf.getvalue())
-    return s
+def store(shot_store):
+    return shot_store
 
 
 def observation(n_marks=3, goal="Click on the OK button.", shot="ep:0", error=None):

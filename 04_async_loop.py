@@ -1,0 +1,687 @@
+"""04 - The asynchronous loop: rollout, gradient update and policy refresh overlap.
+
+    rollout thread (asyncio)                                   trainer thread
+    ------------------------                                   --------------
+    N episode workers, each forever:                           forever:
+      take the next slot of a task group (admission control)     take B complete groups (drop too-stale ones)
+      reset -> [turn -> batched inference -> env.step]* -> done  recompute pi_prox, GRPO loss (03), optimizer step
+      hand the trajectory to its group; a full group goes        version += 1, publish weights to the sampler
+      to the GroupBuffer (or is rejected: no signal)             (the pool keeps running; the next inference
+    one inference server: every worker waiting for an action     batch uses the new weights)
+      is served by one batched sampler call per tick
+
+Why threads, in one process: the rollout side is I/O (a browser per episode, driven by async Playwright, so one
+asyncio loop runs all N episodes) plus inference; the trainer is a long torch computation. torch releases the GIL
+inside its kernels, so a trainer thread and a rollout thread do overlap, and sharing one process means the
+sampler's weights, the screenshot store and the buffer are plain Python objects: screenshots stay in the store
+and only keys move (the paper's lightweight screenshot handling). On a GPU node the trainer and the sampler sit on
+different devices; extra processes (multi-GPU placement) belong to 05_train.py, not to this file's logic.
+
+The everlasting pool: workers are never drained at an iteration boundary. A weight refresh lands between two
+steps of a running episode; every step records the policy version that produced it, so one trajectory may span
+versions. Staleness is bounded at admission, as in the released code: a new episode starts only while
+    running + accepted  <  (max_staleness + version + 1) * B * G        (trajectories)
+and a group whose oldest step is still more than max_staleness versions behind the trainer when it is consumed is
+dropped and counted (groups finish out of order, so admission alone cannot promise it).
+
+The synchronous baseline is the same code with `mode="sync"`: no episode starts until the sampler has the
+trainer's current weights, and exactly B accepted groups are rolled out per version (rollout all -> train ->
+refresh), so the pool idles while the trainer works and the trainer idles while the slowest episode finishes.
+
+Every component records timed spans (env steps per worker, inference, train, refresh, idle) in a Timeline, from
+which utilisation and the Gantt figure are computed.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import itertools
+import json
+import random
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from asyncwebrl import load
+
+env = load("01_env")
+policy_mod = load("02_policy")
+loss_mod = load("03_grpo_loss")
+
+
+@dataclass
+class LoopConfig:
+    mode: str = "async"  # "async": everlasting pool + overlapped trainer; "sync": rollout all -> train -> refresh
+    workers: int = 8  # N concurrent episodes (browser pages)
+    group_size: int = 4  # G trajectories of the same task instance (same task, same seed) per GRPO group
+    batch_groups: int = 2  # B groups per update
+    max_staleness: int = 2  # versions a trained step may lag the trainer (paper: 2); sync mode is 0 by design
+    dynamic_sampling: bool = True  # reject groups whose rewards are all equal (zero GRPO signal), as the paper
+    buffer_groups: int | None = None  # bound on complete groups waiting; None = (max_staleness + 1) * B
+    updates: int = 10  # stop after this many updates
+    max_inference_batch: int = 64  # cap on replies per sampler call
+    slot_retries: int = 2  # an episode slot whose env raises this many times abandons its group
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Records: what flows from the pool to the trainer. Screenshots are keys into the store, never bytes.
+
+
+@dataclass
+class Step:
+    turn: object  # 02.Turn: prompt text + screenshot keys + number of marks
+    sample: object  # 02.Sample: token ids, behaviour log-probs, policy version
+    action_error: str | None  # why the reply was not a valid action (None: it was)
+
+
+@dataclass
+class Trajectory:
+    id: int
+    group: int
+    task: str
+    seed: int
+    episode: str  # ScreenshotStore episode name
+    steps: list[Step] = field(default_factory=list)
+    reward: float = 0.0
+    end: str = ""
+    t_start: float = 0.0
+    t_end: float = 0.0
+
+    @property
+    def versions(self) -> list[int]:
+        return [s.sample.version for s in self.steps]
+
+
+@dataclass
+class Group:
+    id: int
+    task: object  # 01.Task
+    seed: int
+    trajectories: list[Trajectory] = field(default_factory=list)
+
+    def staleness(self, version: int) -> int:
+        return version - min(v for t in self.trajectories for v in t.versions)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timeline: timed spans of every component, for utilisation and the Gantt figure.
+
+
+class Timeline:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.spans: list[tuple] = []  # (component, kind, start_s, end_s, info)
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def span(self, component: str, kind: str, **info):
+        start = time.perf_counter() - self.t0
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.spans.append((component, kind, start, time.perf_counter() - self.t0, info))
+
+    def utilisation(self, wall: float | None = None) -> dict[str, float]:
+        """Busy fraction per component (idle spans excluded); env workers are averaged into "env"."""
+        wall = wall or max((s[3] for s in self.spans), default=1.0)
+        busy = collections.defaultdict(float)
+        workers = {s[0] for s in self.spans if s[0].startswith("env/")}
+        for comp, kind, a, b, _ in self.spans:
+            if kind != "idle":
+                busy["env" if comp.startswith("env/") else comp] += b - a
+        if workers:
+            busy["env"] /= len(workers)
+        return {k: round(v / wall, 4) for k, v in busy.items()}
+
+    def dump(self, path: Path) -> None:
+        with open(path, "w") as f:
+            for comp, kind, a, b, info in self.spans:
+                f.write(json.dumps(dict(component=comp, kind=kind, start=round(a, 4), end=round(b, 4), **info)) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Environments: one TaskServer and one chromium shared by N BrowserEnv slots (01). Tests pass fakes with the same
+# three methods.
+
+
+class BrowserEnvs:
+    def __init__(self, store, config=None):
+        self.store, self.config = store, config
+
+    async def start(self):
+        self.server = env.TaskServer()
+        self.browser = env.Browser(self.config)
+
+    def slot(self, i: int):
+        return env.BrowserEnv(self.browser, self.store, self.server.base, self.config)
+
+    async def close(self):
+        await self.browser.close()
+        self.server.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The group buffer: complete groups wait here for the trainer. Bounded (back-pressure: the pool's admission reads
+# its length), thread-safe (the pool puts from the rollout thread, the trainer takes from its own).
+
+
+class GroupBuffer:
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._groups: collections.deque[Group] = collections.deque()
+        self._cond = threading.Condition()
+
+    def put(self, group: Group) -> None:
+        with self._cond:
+            self._groups.append(group)
+            self._cond.notify_all()
+
+    def take(self, n: int, stop: threading.Event) -> list[Group] | None:
+        """Wait for n groups (oldest first); None if `stop` is set first."""
+        with self._cond:
+            while len(self._groups) < n:
+                if stop.is_set():
+                    return None
+                self._cond.wait(0.05)
+            return [self._groups.popleft() for _ in range(n)]
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._groups)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Counters: every trajectory ends in exactly one of these (the "nothing lost, nothing trained twice" ledger).
+
+
+@dataclass
+class Stats:
+    started: int = 0  # episodes begun (a crashed one is begun again in the same slot)
+    finished: int = 0  # trajectories completed
+    trained: int = 0
+    rejected: int = 0  # in groups with all-equal rewards (dynamic sampling)
+    dropped_stale: int = 0  # in groups older than max_staleness at consumption
+    abandoned: int = 0  # in groups given up after an env kept raising
+    env_errors: int = 0  # episodes whose env raised (the worker restarted with a fresh env slot)
+    groups_rejected: int = 0
+    groups_dropped: int = 0
+    groups_trained: int = 0
+    inference_calls: int = 0
+    inference_replies: int = 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The rollout side
+
+
+class RolloutPool:
+    """N workers on one asyncio loop (run in the rollout thread), plus the inference server that batches them."""
+
+    def __init__(self, cfg: LoopConfig, envs, sampler, tasks: list, store, buffer: GroupBuffer, timeline: Timeline,
+                 stats: Stats, trainer_version):
+        self.cfg, self.envs, self.sampler, self.tasks, self.store = cfg, envs, sampler, tasks, store
+        self.buffer, self.timeline, self.stats, self.trainer_version = buffer, timeline, stats, trainer_version
+        self.rng = random.Random(cfg.seed)
+        self.slots: collections.deque = collections.deque()  # (group, index, retries) waiting for a worker
+        self.open: dict[int, Group] = {}  # groups with trajectories still running or waiting for siblings
+        self.group_ids, self.traj_ids = itertools.count(), itertools.count()
+        self.in_flight = 0  # episodes running now
+        self.accepted = 0  # trajectories in groups accepted into the buffer, ever
+        self.requests: list = []  # (turn, future) waiting for inference
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stopping = False
+        self.trajectory_log: list[Trajectory] = []  # every finished trajectory, in order (tests, inspection)
+        self.order: list = []  # tasks left in this round
+
+    # -- scheduling ---------------------------------------------------------------------------------------------
+    def _next_task(self):
+        """Tasks in shuffled rounds, so that every task is seen once per round."""
+        if not self.order:
+            self.order = self.rng.sample(self.tasks, len(self.tasks))
+        return self.order.pop()
+
+    def _admit(self) -> bool:
+        c = self.cfg
+        batch = c.batch_groups * c.group_size
+        waiting = sum(len(g.trajectories) for g in self.open.values())
+        running = self.in_flight + waiting
+        accepted = self.accepted - self.stats.dropped_stale  # a dropped group frees its admission
+        version = self.trainer_version()
+        if c.mode == "sync":  # only the current weights, and exactly one batch per version
+            return self.sampler.version == version and running + accepted < (version + 1) * batch
+        return (running + accepted < (c.max_staleness + version + 1) * batch
+                and len(self.buffer) < (c.buffer_groups or (c.max_staleness + 1) * c.batch_groups))
+
+    def wake(self) -> None:
+        """Something changed (episode done, new version, groups consumed): let waiting workers re-check."""
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._changed.set)
+
+    async def _next_slot(self):
+        while not self.stopping:
+            if self.slots and (self.slots[0][2] > 0 or self._admit()):  # a retried slot was already admitted
+                return self.slots.popleft()
+            if not self.slots and self._admit():
+                group = Group(next(self.group_ids), self._next_task(), self.rng.randrange(2**31))
+                self.open[group.id] = group
+                # the G slots of a group are handed out one after another, so its episodes run side by side
+                # and the group completes as soon as its slowest member does
+                self.slots.extend((group, j, 0) for j in range(self.cfg.group_size))
+                continue
+            self._changed.clear()
+            await self._changed.wait()
+        return None
+
+    # -- workers ------------------------------------------------------------------------------------------------
+    async def _worker(self, i: int):
+        slot_env = self.envs.slot(i)
+        try:
+            while (slot := await self._next_slot()) is not None:
+                group, j, retries = slot
+                self.in_flight += 1
+                self.stats.started += 1
+                try:
+                    traj = await self._episode(i, slot_env, group, j)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # the env (or the sampler) raised: a fresh env slot, the episode runs again
+                    self.stats.env_errors += 1
+                    print(f"[pool] worker {i}: episode of {group.task.id} failed ({type(e).__name__}: {e}); "
+                          f"restarting its env slot", flush=True)
+                    await _quiet_close(slot_env)
+                    slot_env = self.envs.slot(i)
+                    if retries + 1 < self.cfg.slot_retries:
+                        self.slots.appendleft((group, j, retries + 1))
+                    else:
+                        self._abandon(group)
+                    continue
+                finally:
+                    self.in_flight -= 1
+                    self.wake()
+                self._finish(group, traj)
+        finally:
+            await _quiet_close(slot_env)
+
+    async def _episode(self, i: int, slot_env, group: Group, j: int) -> Trajectory:
+        traj = Trajectory(next(self.traj_ids), group.id, group.task.id, group.seed,
+                          episode=f"g{group.id}.{j}.{self.stats.started}", t_start=time.perf_counter())
+        try:
+            with self.timeline.span(f"env/{i}", "reset"):
+                obs = await slot_env.reset(group.task, seed=group.seed, episode=traj.episode)
+            state = policy_mod.AgentState()
+            while True:
+                turn = self.sampler.turn(obs, state)
+                sample = await self._infer(turn)
+                reply = policy_mod.parse_response(sample.text, sample.truncated)
+                with self.timeline.span(f"env/{i}", "step"):
+                    result = await slot_env.step(reply.action if reply.action is not None else reply.action_text)
+                traj.steps.append(Step(turn, sample, reply.error))
+                policy_mod.update_state(state, obs, reply, result)
+                obs = result.obs
+                if result.done:
+                    traj.reward, traj.end, traj.t_end = result.reward, result.info.get("end", ""), time.perf_counter()
+                    return traj
+        except BaseException:
+            self.store.free(traj.episode)
+            raise
+
+    def _finish(self, group: Group, traj: Trajectory) -> None:
+        self.stats.finished += 1
+        self.trajectory_log.append(traj)
+        if group.id not in self.open:  # the group was abandoned meanwhile
+            self.stats.abandoned += 1
+            self.store.free(traj.episode)
+            return
+        group.trajectories.append(traj)
+        if len(group.trajectories) < self.cfg.group_size:
+            return
+        del self.open[group.id]
+        rewards = {t.reward for t in group.trajectories}
+        if self.cfg.dynamic_sampling and len(rewards) == 1:  # no GRPO signal: reject, free, sample another group
+            self.stats.groups_rejected += 1
+            self.stats.rejected += len(group.trajectories)
+            free_group(self.store, group)
+            return
+        self.accepted += len(group.trajectories)
+        self.buffer.put(group)
+
+    def _abandon(self, group: Group) -> None:
+        if self.open.pop(group.id, None) is not None:
+            self.stats.abandoned += len(group.trajectories)
+            free_group(self.store, group)
+            self.slots = collections.deque(s for s in self.slots if s[0].id != group.id)
+
+    # -- batched inference --------------------------------------------------------------------------------------
+    async def _infer(self, turn):
+        future = self.loop.create_future()
+        self.requests.append((turn, future))
+        self._work.set()
+        return await future
+
+    async def _inference_server(self, executor):
+        while not self.stopping:
+            await self._work.wait()
+            self._work.clear()
+            while self.requests:  # everything that waits now goes into one call; newcomers join the next one
+                batch = self.requests[:self.cfg.max_inference_batch]
+                del self.requests[:len(batch)]
+                await self._serve(batch, executor)
+
+    async def _serve(self, batch: list, executor) -> None:
+        try:
+            with self.timeline.span("inference", "sample", n=len(batch)):
+                # in a thread: the loop keeps stepping the other browsers while the model generates
+                samples = await self.loop.run_in_executor(executor, self.sampler.sample, [t for t, _ in batch],
+                                                          self.store)
+        except Exception as e:
+            if len(batch) > 1:  # isolate the bad request: one broken turn must not fail N episodes
+                for request in batch:
+                    await self._serve([request], executor)
+            elif not batch[0][1].done():
+                batch[0][1].set_exception(e)
+            return
+        self.stats.inference_calls += 1
+        self.stats.inference_replies += len(batch)
+        for (_, future), sample in zip(batch, samples):
+            if not future.done():
+                future.set_result(sample)
+
+    # -- lifetime -----------------------------------------------------------------------------------------------
+    async def run(self, stop: threading.Event):
+        self.loop = asyncio.get_running_loop()
+        self._changed, self._work = asyncio.Event(), asyncio.Event()
+        executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="inference")
+        await self.envs.start()
+        tasks = [asyncio.create_task(self._worker(i)) for i in range(self.cfg.workers)]
+        server = asyncio.create_task(self._inference_server(executor))
+        try:
+            while not stop.is_set():
+                for k, t in enumerate(tasks):  # a worker that died anyway is replaced: the pool keeps its size
+                    if t.done() and not t.cancelled() and t.exception() is not None:
+                        print(f"[pool] worker {k} died: {t.exception()!r}; replaced", flush=True)
+                        tasks[k] = asyncio.create_task(self._worker(k))
+                await asyncio.sleep(0.02)
+        finally:
+            self.stopping = True
+            for t in tasks + [server]:
+                t.cancel()
+            await asyncio.gather(*tasks, server, return_exceptions=True)
+            executor.shutdown(wait=True, cancel_futures=True)
+            await self.envs.close()
+
+
+async def _quiet_close(slot_env) -> None:
+    try:
+        await slot_env.close()
+    except Exception:
+        pass
+
+
+def free_group(store, group: Group) -> None:
+    for t in group.trajectories:
+        store.free(t.episode)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training side: decoupled PPO + multi-step GRPO on B groups.
+
+
+@dataclass
+class LearnerConfig:
+    lr: float = 1e-4  # tiny model from scratch; the paper's 8B uses 5e-6
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    minibatches: int = 1  # optimizer steps per batch (PPO epochs over minibatches); pi_prox is computed once
+    micro_batch: int = 16  # steps per forward/backward (gradient accumulation): bounds activation memory
+
+
+class Learner:
+    """Turns B groups into one (or a few) optimizer steps of the 03 loss on the 02 Policy."""
+
+    def __init__(self, policy, store, loss_cfg=None, cfg: LearnerConfig | None = None):
+        self.policy, self.store = policy, store
+        self.loss_cfg, self.cfg = loss_cfg or loss_mod.LossConfig(), cfg or LearnerConfig()
+        params = [p for p in policy.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def _logprobs(self, steps: list[Step]):
+        return self.policy.logprobs([s.turn for s in steps], [s.sample.token_ids for s in steps], self.store)
+
+    def update(self, groups: list[Group]) -> dict:
+        trajs = [t for g in groups for t in g.trajectories]
+        rows = [(i, s) for i, t in enumerate(trajs) for s in t.steps]
+        width = max(len(s.sample.token_ids) for _, s in rows)
+        traj_args = dict(traj_reward=torch.tensor([t.reward for t in trajs]),
+                         traj_group=torch.tensor([t.group for t in trajs]),
+                         traj_steps=torch.tensor([len(t.steps) for t in trajs]))
+        behave = torch.zeros(len(rows), width)
+        for r, (_, s) in enumerate(rows):
+            behave[r, :len(s.sample.logprobs)] = torch.tensor(s.sample.logprobs)
+        chunks = [list(range(a, min(a + self.cfg.micro_batch, len(rows)))) for a in range(0, len(rows),
+                                                                                         self.cfg.micro_batch)]
+        with torch.no_grad():  # pi_prox: the weights at the start of this train step, one forward
+            prox = torch.zeros(len(rows), width)
+            for c in chunks:
+                lp, _ = self._logprobs([rows[r][1] for r in c])
+                prox[c, :lp.shape[1]] = lp.float().cpu()
+        metrics = collections.defaultdict(float)
+        order = torch.randperm(len(rows)).tolist()
+        per_mb = -(-len(rows) // self.cfg.minibatches)
+        for mb in range(self.cfg.minibatches):
+            idx = order[mb * per_mb:(mb + 1) * per_mb]
+            n_tokens = sum(len(rows[r][1].sample.token_ids) for r in idx)
+            for a in range(0, len(idx), self.cfg.micro_batch):
+                c = idx[a:a + self.cfg.micro_batch]
+                logp, mask = self._logprobs([rows[r][1] for r in c])
+                T = logp.shape[1]
+                loss, m = loss_mod.grpo_loss(logp.float(), prox[c, :T].to(logp.device), behave[c, :T].to(logp.device),
+                                             mask, torch.tensor([rows[r][0] for r in c], device=logp.device),
+                                             cfg=self.loss_cfg, n_tokens=n_tokens,
+                                             **{k: v.to(logp.device) for k, v in traj_args.items()})
+                loss.backward()
+                metrics["loss"] += float(loss) / self.cfg.minibatches
+                share = float(mask.sum()) / n_tokens / self.cfg.minibatches  # token-weighted means over chunks
+                for k, v in m.items():
+                    if k == "iw_max":
+                        metrics[k] = max(metrics[k], v)
+                    elif k in ("tokens", "degenerate_groups"):  # counts, the same in every chunk
+                        metrics[k] = v if k == "degenerate_groups" else metrics[k] + v
+                    else:
+                        metrics[k] += v * share
+            metrics["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(),
+                                                                         self.cfg.grad_clip)) / self.cfg.minibatches
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return dict(metrics)
+
+    def state_dict(self) -> dict:
+        return self.policy.state_dict()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop: the rollout thread, the trainer thread, and the main thread that watches them.
+
+
+def batch_metrics(groups: list[Group], version: int) -> dict:
+    trajs = [t for g in groups for t in g.trajectories]
+    steps = [s for t in trajs for s in t.steps]
+    ok, bad = [t for t in trajs if t.reward > 0], [t for t in trajs if t.reward <= 0]
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    return dict(success=mean([t.reward > 0 for t in trajs]), trajectories=len(trajs), samples=len(steps),
+                steps=mean([len(t.steps) for t in trajs]), steps_success=mean([len(t.steps) for t in ok]),
+                steps_failure=mean([len(t.steps) for t in bad]),
+                tokens_per_step=mean([len(s.sample.token_ids) for s in steps]),
+                invalid_actions=mean([s.action_error is not None for s in steps]),
+                staleness_mean=mean([version - s.sample.version for s in steps]),
+                staleness_max=max(version - s.sample.version for s in steps))
+
+
+class Loop:
+    """Wires the pool (rollout thread) to the learner (trainer thread). `run()` blocks until cfg.updates updates."""
+
+    def __init__(self, cfg: LoopConfig, envs, sampler, learner, tasks: list, store, on_update=None):
+        if cfg.mode not in ("async", "sync"):
+            raise ValueError(f"mode must be 'async' or 'sync', got {cfg.mode!r}")
+        self.cfg, self.sampler, self.learner, self.store = cfg, sampler, learner, store
+        self.version = sampler.version  # the trainer's version; the sampler catches up at each refresh
+        self.stats, self.timeline = Stats(), Timeline()
+        self.buffer = GroupBuffer(cfg.buffer_groups or (cfg.max_staleness + 1) * cfg.batch_groups)
+        self.pool = RolloutPool(cfg, envs, sampler, tasks, store, self.buffer, self.timeline, self.stats,
+                                trainer_version=lambda: self.version)
+        self.on_update = on_update or (lambda metrics: None)
+        self.stop = threading.Event()
+        self.errors: list[str] = []
+        self.trained_ids: list[int] = []  # trajectory ids, in the order trained
+        self.history: list[dict] = []
+
+    # -- trainer thread -----------------------------------------------------------------------------------------
+    def _take_fresh_groups(self) -> list[Group] | None:
+        c, fresh = self.cfg, []
+        limit = 0 if c.mode == "sync" else c.max_staleness
+        while len(fresh) < c.batch_groups:
+            with self.timeline.span("trainer", "idle"):
+                got = self.buffer.take(1, self.stop)
+            if got is None:
+                return None
+            group = got[0]
+            if group.staleness(self.version) > limit:  # too old for the importance weights to be trusted
+                self.stats.groups_dropped += 1
+                self.stats.dropped_stale += len(group.trajectories)
+                free_group(self.store, group)
+            else:
+                fresh.append(group)
+            self.pool.wake()  # the buffer shrank: admission may open
+        return fresh
+
+    def _trainer(self):
+        try:
+            t_last = time.perf_counter()
+            while self.version < self.cfg.updates and not self.stop.is_set():
+                groups = self._take_fresh_groups()
+                if groups is None:
+                    return
+                metrics = batch_metrics(groups, self.version)
+                with self.timeline.span("trainer", "train", version=self.version):
+                    metrics.update(self.learner.update(groups))
+                self.trained_ids += [t.id for g in groups for t in g.trajectories]
+                self.stats.trained += metrics["trajectories"]
+                self.stats.groups_trained += len(groups)
+                for g in groups:
+                    free_group(self.store, g)
+                self.version += 1
+                with self.timeline.span("trainer", "refresh", version=self.version):
+                    self.sampler.load_weights(self.learner.state_dict(), self.version)  # waits for the batch in flight
+                self.pool.wake()
+                now = time.perf_counter()
+                metrics.update(version=self.version, update_s=now - t_last, time_s=now - self.timeline.t0,
+                               samples_per_s=metrics["samples"] / (now - t_last), **self.stats.__dict__)
+                t_last = now
+                self.history.append(metrics)
+                self.on_update(metrics)
+        except BaseException:
+            self.errors.append(traceback.format_exc())
+        finally:
+            self.stop.set()
+
+    # -- rollout thread -----------------------------------------------------------------------------------------
+    def _rollout(self):
+        try:
+            asyncio.run(self.pool.run(self.stop))
+        except BaseException:
+            self.errors.append(traceback.format_exc())
+            self.stop.set()
+
+    def run(self) -> list[dict]:
+        threads = [threading.Thread(target=self._rollout, name="rollout"),
+                   threading.Thread(target=self._trainer, name="trainer")]
+        for t in threads:
+            t.start()
+        try:
+            while not self.stop.wait(0.1):
+                pass
+        finally:  # normal end, an error in either thread, or KeyboardInterrupt here: stop both, wait for both
+            self.stop.set()
+            for t in threads:
+                t.join()
+        if self.errors:
+            raise RuntimeError("the loop failed:\n" + "\n".join(self.errors))
+        return self.history
+
+    def ledger(self) -> dict:
+        """Where every finished trajectory went. leftover = waiting in the buffer or in an unfinished group."""
+        s = self.stats
+        leftover = s.finished - s.trained - s.rejected - s.dropped_stale - s.abandoned
+        return dict(finished=s.finished, trained=s.trained, rejected=s.rejected, dropped_stale=s.dropped_stale,
+                    abandoned=s.abandoned, leftover=leftover,
+                    in_buffer=sum(len(g.trajectories) for g in list(self.buffer._groups)),
+                    in_open_groups=sum(len(g.trajectories) for g in self.pool.open.values()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Demo: `python 04_async_loop.py` runs a short async run and a short sync run with the real env and the tiny model.
+
+
+def real_run(mode: str, updates: int, tasks: list[str], out: Path, max_steps: int | None = None,
+             **loop_cfg) -> dict:
+    """A short run with the real env and the tiny model; writes out/timeline_<mode>.jsonl, returns a summary."""
+    import dataclasses
+
+    store = env.ScreenshotStore()
+    pcfg = policy_mod.PolicyConfig()
+    policy, sampler = policy_mod.Policy(pcfg), policy_mod.HFSampler(pcfg)  # same files: same initial weights
+    task_list = [dataclasses.replace(t, max_steps=max_steps or t.max_steps) for t in env.miniwob_tasks(names=tasks)]
+    loop = Loop(LoopConfig(mode=mode, updates=updates, **loop_cfg), BrowserEnvs(store), sampler,
+                Learner(policy, store), task_list, store,
+                on_update=lambda m: print(f"[{mode}] update {m['version']}: success {m['success']:.2f}, "
+                                          f"{m['samples']} samples in {m['update_s']:.1f}s, staleness max "
+                                          f"{m['staleness_max']}, loss {m.get('loss', float('nan')):.4f}", flush=True))
+    t0 = time.perf_counter()
+    loop.run()
+    wall = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    loop.timeline.dump(out / f"timeline_{mode}.jsonl")
+    samples = sum(m["samples"] for m in loop.history)
+    return dict(mode=mode, wall_s=round(wall, 2), updates=len(loop.history), samples=samples,
+                samples_per_s=round(samples / wall, 3), utilisation=loop.timeline.utilisation(wall),
+                ledger=loop.ledger())
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(description="04_async_loop: a short async run and a short sync run with the "
+                                                 "real browser env and the tiny model; writes their timelines.")
+    parser.add_argument("--updates", type=int, default=3, help="updates per run (default: 3)")
+    parser.add_argument("--tasks", nargs="+", default=["click-button", "click-link", "click-dialog"],
+                        metavar="NAME", help="MiniWoB++ tasks (default: click-button click-link click-dialog)")
+    parser.add_argument("--modes", nargs="+", default=["async", "sync"], choices=["async", "sync"],
+                        help="which pipelines to run (default: both)")
+    parser.add_argument("--workers", type=int, default=8, help="concurrent episodes (default: 8)")
+    parser.add_argument("--group-size", type=int, default=4, help="G, trajectories per group (default: 4)")
+    parser.add_argument("--batch-groups", type=int, default=2, help="B, groups per update (default: 2)")
+    parser.add_argument("--max-steps", type=int, default=None, help="episode horizon (default: the task's, 10)")
+    parser.add_argument("--out", type=Path, default=Path("runs/04_demo"),
+                        help="where the timelines go (default: runs/04_demo)")
+    args = parser.parse_args(argv)
+    try:
+        env.miniwob_tasks(names=args.tasks)
+    except ValueError as e:
+        parser.error(str(e))
+    for mode in args.modes:
+        # dynamic sampling off: a random tiny model rarely succeeds, and the demo is about the loop, not learning
+        r = real_run(mode, args.updates, args.tasks, args.out, args.max_steps, workers=args.workers,
+                     group_size=args.group_size, batch_groups=args.batch_groups, dynamic_sampling=False)
+        print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""04_async_loop with fakes (fast, no browser): the ledger, staleness, versions, sync mode, back-pressure, worker
+restarts, clean shutdown, and the long-tail throughput gap; then one short real run of each mode."""
+import _thread
+import statistics
+import threading
+import time
+
+import pytest
+from fakes import FakeEnvs, FakeLearner, FakeSampler, constant, long_tail
+
+from asyncwebrl import load
+
+env = load("01_env")
+aloop = load("04_async_loop")
+
+TASKS = [env.Task(f"fake/t{i}", "fake://", "goal", "miniwob", "easy", "train", f"t{i}") for i in range(5)]
+
+
+def make_loop(store=None, envs=None, sampler=None, train_s=0.01, **cfg):
+    store = env.ScreenshotStore() if store is None else store  # (an empty store is falsy: it has a __len__)
+    envs = FakeEnvs(store) if envs is None else envs
+    sampler = FakeSampler() if sampler is None else sampler
+    learner = FakeLearner(train_s)
+    cfg = {"workers": 6, "group_size": 2, "batch_groups": 2, "updates": 6, **cfg}
+    loop = aloop.Loop(aloop.LoopConfig(**cfg), envs, sampler, learner, TASKS, store)
+    learner.loop = loop
+    return loop, learner, envs, sampler, store
+
+
+def test_every_trajectory_is_trained_once_or_counted():
+    loop, learner, envs, sampler, store = make_loop(updates=8)
+    loop.run()
+    ledger = loop.ledger()
+    trained = [tid for batch in learner.batches for _, tid, _ in batch]
+    assert len(trained) == len(set(trained)) == 8 * 2 * 2 == ledger["trained"]
+    assert ledger["rejected"] > 0  # p_success 0.5, G = 2: about half the groups have all-equal rewards
+    assert ledger["leftover"] == ledger["in_buffer"] + ledger["in_open_groups"] >= 0
+    assert ledger["finished"] == len(loop.pool.trajectory_log)
+    # screenshots of trained, rejected and dropped trajectories are freed; only leftovers' remain
+    kept = {t.episode for g in list(loop.buffer._groups) + list(loop.pool.open.values()) for t in g.trajectories}
+    assert {k.rsplit(":", 1)[0] for k in store._bytes} <= kept
+
+
+@pytest.mark.parametrize("max_staleness", [0, 1, 2])
+def test_no_trained_step_exceeds_max_staleness(max_staleness):
+    loop, learner, *_ = make_loop(max_staleness=max_staleness, updates=8, train_s=0.02,
+                                  envs=None)
+    loop.run()
+    worst = max(version - min(vs) for batch in learner.batches for version, _, vs in batch)
+    assert worst <= max_staleness
+    if max_staleness > 0:
+        assert worst >= 1  # the pool really ran ahead of the trainer (overlap happened)
+
+
+def test_versions_are_monotone_within_a_trajectory_and_refresh_lands_mid_episode():
+    store = env.ScreenshotStore()
+    loop, *_ = make_loop(store, envs=FakeEnvs(store, length=constant(8)), updates=6)
+    loop.run()
+    trajs = loop.pool.trajectory_log
+    assert all(t.versions == sorted(t.versions) for t in trajs)
+    assert any(len(set(t.versions)) > 1 for t in trajs)  # a weight refresh landed between two steps of an episode
+
+
+def test_sync_mode_trains_each_batch_on_one_version_the_current_one():
+    loop, learner, _, sampler, _ = make_loop(mode="sync", updates=5)
+    loop.run()
+    for batch in learner.batches:
+        versions = {v for _, _, vs in batch for v in vs}
+        assert versions == {batch[0][0]}  # every step of the batch sampled by the trainer's current weights
+    assert sampler.loads == [1, 2, 3, 4, 5]
+
+
+def test_back_pressure_bounds_the_work_in_memory_when_the_trainer_is_slow():
+    store = env.ScreenshotStore()
+    loop, learner, *_ = make_loop(store, train_s=0.4, updates=3, workers=8, dynamic_sampling=False)
+    peak = {"buffer": 0, "live": 0}
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak["buffer"] = max(peak["buffer"], len(loop.buffer))
+            live = loop.pool.in_flight + sum(len(g.trajectories) for g in list(loop.pool.open.values())) \
+                + sum(len(g.trajectories) for g in list(loop.buffer._groups))
+            peak["live"] = max(peak["live"], live)
+            time.sleep(0.002)
+
+    w = threading.Thread(target=watch)
+    w.start()
+    loop.run()
+    done.set()
+    w.join()
+    c = loop.cfg
+    batch = c.batch_groups * c.group_size
+    assert peak["buffer"] <= (c.max_staleness + 1) * c.batch_groups
+    assert peak["live"] <= (c.max_staleness + 1) * batch  # admission: running + waiting <= (s + 1) B G
+    assert loop.stats.started <= (c.max_staleness + 1 + c.updates) * batch  # not one episode per idle tick
+
+
+def test_a_worker_whose_env_raises_is_restarted_and_the_pool_keeps_its_size():
+    store = env.ScreenshotStore()
+    envs = FakeEnvs(store, fail_every=5)
+    loop, *_ = make_loop(store, envs=envs, updates=5, workers=4, slot_retries=3)
+    loop.run()
+    assert loop.stats.env_errors > 0 and loop.stats.trained == 5 * 4
+    assert len(envs.slots) == 4 + loop.stats.env_errors  # each failure: that worker's slot replaced, no more
+    assert all(s.closed for s in envs.slots)
+
+
+def test_an_env_that_always_raises_abandons_its_group_and_training_goes_on():
+    store = env.ScreenshotStore()
+
+    class Broken(FakeEnvs):
+        def slot(self, i):
+            s = super().slot(i)
+            real = s.reset
+
+            async def reset(task, seed, episode):
+                if task.id == "fake/t0":
+                    raise RuntimeError("broken page")
+                return await real(task, seed, episode)
+
+            s.reset = reset
+            return s
+
+    loop, *_ = make_loop(store, envs=Broken(store), updates=4)
+    loop.run()
+    assert loop.stats.trained == 4 * 2 * 2 and loop.stats.env_errors >= 2
+    assert all(t.task != "fake/t0" for t in loop.pool.trajectory_log)
+
+
+def test_shutdown_is_clean_on_keyboard_interrupt():
+    store = env.ScreenshotStore()
+    envs = FakeEnvs(store, step_s=0.01)
+    loop, *_ = make_loop(store, envs=envs, updates=10**6)
+    threading.Timer(0.5, _thread.interrupt_main).start()
+    with pytest.raises(KeyboardInterrupt):
+        loop.run()
+    names = {t.name for t in threading.enumerate()}
+    assert not names & {"rollout", "trainer"} and not any(n.startswith("inference") for n in names)
+    assert envs.closed and all(s.closed for s in envs.slots)
+    assert loop.version > 0  # it was really running
+
+
+def test_batched_inference_serves_many_workers_per_call():
+    loop, _, _, sampler, _ = make_loop(workers=8, updates=4)
+    loop.run()
+    assert loop.stats.inference_calls < loop.stats.inference_replies / 2
+    assert max(sampler.batches) > 1
+
+
+def throughput(mode, length, seed):
+    """Trained trajectories per second (every update consumes exactly B x G of them, so this is updates/s), and
+    the mean steps of the trajectories trained."""
+    store = env.ScreenshotStore()
+    envs = FakeEnvs(store, length=length, step_s=0.01, p_success=0.5)
+    loop, *_ = make_loop(store, envs=envs, mode=mode, updates=10, workers=8, group_size=4, batch_groups=2,
+                         train_s=0.04, dynamic_sampling=False, seed=seed)
+    t0 = time.perf_counter()
+    loop.run()
+    wall = time.perf_counter() - t0
+    return loop.stats.trained / wall, statistics.mean(m["steps"] for m in loop.history)
+
+
+@pytest.mark.slow
+def test_async_beats_sync_and_the_long_tail_explains_most_of_the_gap(capsys):
+    """Same mean episode length (4 steps): constant, or a long tail (10% of episodes take 22 steps). Sync waits
+    for the slowest episode of every batch and idles the pool while training; async does neither."""
+    ratios, steps = {}, {}
+    for name, length in (("constant", constant(4)), ("long_tail", long_tail(2, 22, 0.1))):
+        runs = [(throughput("async", length, s), throughput("sync", length, s)) for s in range(3)]
+        ratios[name] = statistics.median(a[0] / b[0] for a, b in runs)
+        steps[name] = [statistics.median(r[i][1] for r in runs) for i in (0, 1)]
+    with capsys.disabled():
+        print(f"\nasync/sync trained trajectories per second, median of 3: constant lengths "
+              f"{ratios['constant']:.2f}x, long tail {ratios['long_tail']:.2f}x; mean steps of trained "
+              f"trajectories with the long tail: async {steps['long_tail'][0]:.1f}, sync {steps['long_tail'][1]:.1f}")
+    assert ratios["constant"] > 1.0
+    assert ratios["long_tail"] > 1.3 and ratios["long_tail"] > ratios["constant"]
+    # the price of the everlasting pool: groups finish out of order, so with a long tail the trainer sees
+    # shorter trajectories first and long ones can age past max_staleness (dropped, counted)
+    assert steps["long_tail"][0] < steps["long_tail"][1]
+
+
+def test_timeline_records_every_component():
+    loop, *_ = make_loop(updates=3)
+    loop.run()
+    comps = {s[0].split("/")[0] for s in loop.timeline.spans}
+    kinds = {s[1] for s in loop.timeline.spans}
+    assert comps >= {"env", "inference", "trainer"} and kinds >= {"reset", "step", "sample", "train", "refresh", "idle"}
+    u = loop.timeline.utilisation()
+    assert 0 < u["env"] <= 1 and 0 < u["trainer"] <= 1 and 0 < u["inference"] <= 1
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_real_env_and_tiny_model_runs_in_both_modes_and_write_timelines(tmp_path):
+    import json
+
+    for mode in ("async", "sync"):
+        r = aloop.real_run(mode, 2, ["click-button", "click-link"], tmp_path, max_steps=2, workers=3, group_size=2,
+                           batch_groups=1, dynamic_sampling=False)
+        assert r["updates"] == 2 and r["ledger"]["trained"] == 2 * 2 and r["samples"] >= 4
+        spans = [json.loads(line) for line in (tmp_path / f"timeline_{mode}.jsonl").read_text().splitlines()]
+        assert {s["component"].split("/")[0] for s in spans} >= {"env", "inference", "trainer"}
+        assert {s["kind"] for s in spans} >= {"reset", "step", "sample", "train", "refresh"}
