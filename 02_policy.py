@@ -117,6 +117,12 @@ def parse_response(text: str, truncated: bool = False) -> Response:
         return Response(memory, None, action_text, e.kind)
 
 
+def plain(text: str) -> str:
+    """Page text and the model's own memory must never turn into control tokens: "<|image_pad|>" written on a
+    page (or in a reply) would otherwise be read as an image slot, "<|im_end|>" as the end of the turn."""
+    return text.replace("<|", "< |")
+
+
 def user_text(obs, state: AgentState, cfg: PolicyConfig) -> str:
     lines = [f"Goal: {obs.goal}", f"Memory: {state.memory or '(empty)'}"]
     if state.history:
@@ -124,7 +130,7 @@ def user_text(obs, state: AgentState, cfg: PolicyConfig) -> str:
     if obs.error:
         lines.append(f"Last action failed: {obs.error}")
     lines += ["Elements:", obs.elements_text or "(none)"]
-    return "\n".join(lines)
+    return plain("\n".join(lines))
 
 
 def messages(obs, state: AgentState, cfg: PolicyConfig) -> tuple[list[dict], tuple[str, ...]]:
@@ -331,7 +337,7 @@ class ActionGrammar:
         from transformers.convert_slow_tokenizer import bytes_to_unicode
 
         byte_of = {u: b for b, u in bytes_to_unicode().items()}  # byte-level BPE spells bytes as unicode chars
-        special = set(tokenizer.all_special_ids)
+        special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())  # control tokens
         vocab: dict[bytes, list[int]] = {}
         for tok, i in tokenizer.get_vocab().items():
             if i not in special and all(c in byte_of for c in tok):

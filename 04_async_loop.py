@@ -67,6 +67,9 @@ class LoopConfig:
     updates: int = 10  # stop after this many updates
     max_inference_batch: int = 64  # cap on replies per sampler call
     slot_retries: int = 2  # an episode slot whose env raises this many times abandons its group
+    # ablations of the paper's two system adaptations (05_train.py --compare-sync):
+    drain: bool = False  # no everlasting pool: before each refresh, stop starting episodes and wait for all to end
+    screenshots_by_value: bool = False  # no lightweight screenshots: groups carry the bytes, serialised (pickled)
     seed: int = 0
 
 
@@ -79,6 +82,7 @@ class Step:
     turn: object  # 02.Turn: prompt text + screenshot keys + number of marks
     sample: object  # 02.Sample: token ids, behaviour log-probs, policy version
     action_error: str | None  # why the reply was not a valid action (None: it was)
+    image_bytes: dict | None = None  # only in the by-value ablation: key -> the screenshot's bytes
 
 
 @dataclass
@@ -240,6 +244,7 @@ class RolloutPool:
         self.stopping = False
         self.trajectory_log: list[Trajectory] = []  # every finished trajectory, in order (tests, inspection)
         self.order: list = []  # tasks left in this round
+        self.draining = False  # drain ablation: set by the trainer around a refresh
 
     # -- scheduling ---------------------------------------------------------------------------------------------
     def _next_task(self):
@@ -250,6 +255,8 @@ class RolloutPool:
 
     def _admit(self) -> bool:
         c = self.cfg
+        if self.draining:
+            return False
         batch = c.batch_groups * c.group_size
         waiting = sum(len(g.trajectories) for g in self.open.values())
         running = self.in_flight + waiting
@@ -351,7 +358,7 @@ class RolloutPool:
             free_group(self.store, group)
             return
         self.accepted += len(group.trajectories)
-        self.buffer.put(group)
+        self.buffer.put(by_value(group, self.store) if self.cfg.screenshots_by_value else group)
 
     def _abandon(self, group: Group) -> None:
         if self.open.pop(group.id, None) is not None:
@@ -425,6 +432,28 @@ async def _quiet_close(slot_env) -> None:
         pass
 
 
+def by_value(group: Group, store) -> Group:
+    """The ablation of lightweight screenshot handling: every step carries its screenshots' bytes, and the group
+    crosses to the trainer serialised and deserialised, as through an object store between processes."""
+    import pickle
+
+    for t in group.trajectories:
+        for s in t.steps:
+            s.image_bytes = {k: store.get(k) for k in s.turn.images}
+    return pickle.loads(pickle.dumps(group))
+
+
+class _StepImages:
+    """Screenshot lookup for the learner: bytes carried by the steps (by-value ablation), else the store."""
+
+    def __init__(self, steps: list, store):
+        self.carried = {k: v for s in steps if s.image_bytes for k, v in s.image_bytes.items()}
+        self.store = store
+
+    def get(self, key: str) -> bytes:
+        return self.carried[key] if key in self.carried else self.store.get(key)
+
+
 def free_group(store, group: Group) -> None:
     for t in group.trajectories:
         store.free(t.episode)
@@ -439,7 +468,8 @@ class LearnerConfig:
     lr: float = 1e-4  # tiny model from scratch; the paper's 8B uses 5e-6
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    minibatches: int = 1  # optimizer steps per batch (PPO epochs over minibatches); pi_prox is computed once
+    epochs: int = 1  # passes over the batch (released code: 3)
+    minibatches: int = 1  # optimizer steps per pass (released code: 2); pi_prox is computed once, before them all
     micro_batch: int = 16  # steps per forward/backward (gradient accumulation): bounds activation memory
 
 
@@ -453,7 +483,8 @@ class Learner:
         self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     def _logprobs(self, steps: list[Step]):
-        return self.policy.logprobs([s.turn for s in steps], [s.sample.token_ids for s in steps], self.store)
+        return self.policy.logprobs([s.turn for s in steps], [s.sample.token_ids for s in steps],
+                                    _StepImages(steps, self.store))
 
     def update(self, groups: list[Group]) -> dict:
         trajs = [t for g in groups for t in g.trajectories]
@@ -473,10 +504,10 @@ class Learner:
                 lp, _ = self._logprobs([rows[r][1] for r in c])
                 prox[c, :lp.shape[1]] = lp.float().cpu()
         metrics = collections.defaultdict(float)
-        order = torch.randperm(len(rows)).tolist()
-        per_mb = -(-len(rows) // self.cfg.minibatches)
-        for mb in range(self.cfg.minibatches):
-            idx = order[mb * per_mb:(mb + 1) * per_mb]
+        per_mb, n_steps = -(-len(rows) // self.cfg.minibatches), self.cfg.epochs * self.cfg.minibatches
+        minibatches = [order[mb * per_mb:(mb + 1) * per_mb] for _ in range(self.cfg.epochs)
+                       for order in [torch.randperm(len(rows)).tolist()] for mb in range(self.cfg.minibatches)]
+        for idx in minibatches:
             n_tokens = sum(len(rows[r][1].sample.token_ids) for r in idx)
             for a in range(0, len(idx), self.cfg.micro_batch):
                 c = idx[a:a + self.cfg.micro_batch]
@@ -487,17 +518,17 @@ class Learner:
                                              cfg=self.loss_cfg, n_tokens=n_tokens,
                                              **{k: v.to(logp.device) for k, v in traj_args.items()})
                 loss.backward()
-                metrics["loss"] += float(loss) / self.cfg.minibatches
-                share = float(mask.sum()) / n_tokens / self.cfg.minibatches  # token-weighted means over chunks
+                metrics["loss"] += float(loss.detach()) / n_steps
+                share = float(mask.sum()) / n_tokens / n_steps  # token-weighted means over chunks and steps
                 for k, v in m.items():
                     if k == "iw_max":
                         metrics[k] = max(metrics[k], v)
-                    elif k in ("tokens", "degenerate_groups"):  # counts, the same in every chunk
-                        metrics[k] = v if k == "degenerate_groups" else metrics[k] + v
+                    elif k in ("tokens", "degenerate_groups"):  # counts: of one pass over the batch
+                        metrics[k] = v if k == "degenerate_groups" else metrics[k] + v / self.cfg.epochs
                     else:
                         metrics[k] += v * share
             metrics["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(),
-                                                                         self.cfg.grad_clip)) / self.cfg.minibatches
+                                                                         self.cfg.grad_clip)) / n_steps
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return dict(metrics)
@@ -536,7 +567,7 @@ class Loop:
         self.buffer = GroupBuffer(cfg.buffer_groups or (cfg.max_staleness + 1) * cfg.batch_groups)
         self.pool = RolloutPool(cfg, envs, sampler, tasks, store, self.buffer, self.timeline, self.stats,
                                 trainer_version=lambda: self.version)
-        self.on_update = on_update or (lambda metrics: None)
+        self.on_update = on_update or (lambda metrics, groups: None)
         self.stop = threading.Event()
         self.errors: list[str] = []
         self.trained_ids: list[int] = []  # trajectory ids, in the order trained
@@ -574,18 +605,24 @@ class Loop:
                 self.trained_ids += [t.id for g in groups for t in g.trajectories]
                 self.stats.trained += metrics["trajectories"]
                 self.stats.groups_trained += len(groups)
-                for g in groups:
-                    free_group(self.store, g)
                 self.version += 1
+                if self.cfg.drain:  # the ablation: no episode may span the refresh, so wait for all to end
+                    self.pool.draining = True
+                    with self.timeline.span("trainer", "drain"):
+                        while self.pool.in_flight and not self.stop.is_set():
+                            time.sleep(0.005)
                 with self.timeline.span("trainer", "refresh", version=self.version):
                     self.sampler.load_weights(self.learner.state_dict(), self.version)  # waits for the batch in flight
+                self.pool.draining = False
                 self.pool.wake()
                 now = time.perf_counter()
                 metrics.update(version=self.version, update_s=now - t_last, time_s=now - self.timeline.t0,
                                samples_per_s=metrics["samples"] / (now - t_last), **self.stats.__dict__)
                 t_last = now
                 self.history.append(metrics)
-                self.on_update(metrics)
+                self.on_update(metrics, groups)  # logging, checkpoints: screenshots are still in the store
+                for g in groups:
+                    free_group(self.store, g)
         except BaseException:
             self.errors.append(traceback.format_exc())
         finally:
@@ -640,7 +677,7 @@ def real_run(mode: str, updates: int, tasks: list[str], out: Path, max_steps: in
     task_list = [dataclasses.replace(t, max_steps=max_steps or t.max_steps) for t in env.miniwob_tasks(names=tasks)]
     loop = Loop(LoopConfig(mode=mode, updates=updates, **loop_cfg), BrowserEnvs(store), sampler,
                 Learner(policy, store), task_list, store,
-                on_update=lambda m: print(f"[{mode}] update {m['version']}: success {m['success']:.2f}, "
+                on_update=lambda m, groups: print(f"[{mode}] update {m['version']}: success {m['success']:.2f}, "
                                           f"{m['samples']} samples in {m['update_s']:.1f}s, staleness max "
                                           f"{m['staleness_max']}, loss {m.get('loss', float('nan')):.4f}", flush=True))
     t0 = time.perf_counter()

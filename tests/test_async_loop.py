@@ -203,3 +203,29 @@ def test_real_env_and_tiny_model_runs_in_both_modes_and_write_timelines(tmp_path
         spans = [json.loads(line) for line in (tmp_path / f"timeline_{mode}.jsonl").read_text().splitlines()]
         assert {s["component"].split("/")[0] for s in spans} >= {"env", "inference", "trainer"}
         assert {s["kind"] for s in spans} >= {"reset", "step", "sample", "train", "refresh"}
+
+
+def test_drain_ablation_never_lets_a_refresh_land_mid_episode():
+    store = env.ScreenshotStore()
+    loop, *_ = make_loop(store, envs=FakeEnvs(store, length=constant(6)), drain=True, updates=5)
+    loop.run()
+    assert all(len(set(t.versions)) == 1 for t in loop.pool.trajectory_log)
+    assert any(s[1] == "drain" for s in loop.timeline.spans)
+
+
+def test_by_value_ablation_carries_the_bytes_and_trains_from_them():
+    store = env.ScreenshotStore()
+    seen = []
+
+    class Checking(FakeLearner):
+        def update(self, groups):
+            steps = [s for g in groups for t in g.trajectories for s in t.steps]
+            images = aloop._StepImages(steps, env.ScreenshotStore())  # an empty store: bytes must travel along
+            seen.extend(images.get(k) for s in steps for k in s.turn.images)
+            return super().update(groups)
+
+    loop = aloop.Loop(aloop.LoopConfig(workers=4, group_size=2, batch_groups=1, updates=3, screenshots_by_value=True),
+                      FakeEnvs(store), FakeSampler(), Checking(), TASKS, store)
+    loop.learner.loop = loop
+    loop.run()
+    assert seen and all(isinstance(b, bytes) and b for b in seen)

@@ -1,0 +1,571 @@
+"""05 - Training: the whole pipeline from the command line.
+
+    python 05_train.py                       tiny model, CPU, MiniWoB++ train tasks, async, 1/k, decoupled loss
+    python 05_train.py --preset paper --gpus 8 --model Qwen/Qwen3-VL-8B-Instruct
+    python 05_train.py --resume runs/<run>   continue from the run's latest checkpoint
+    python 05_train.py --dry-run --gpus 8    print the placement and the resolved config, then exit
+
+Configuration is one dataclass (TrainConfig): defaults < --preset < --config FILE (JSON) < command-line flags. The
+resolved config is saved in the run directory, which also receives:
+    metrics.jsonl          one row per update (success, steps, tokens, loss metrics, clip rates, staleness, speed)
+    timeline.jsonl         every component's timed spans (env steps, inference, train, refresh, idle)
+    trajectories/v<N>/     a few trained trajectories per update: replies, actions and their screenshots
+    checkpoints/v<N>/      model (loadable with from_pretrained), optimizer, RNG and task-sampler state
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from asyncwebrl import ROOT, load
+
+env = load("01_env")
+policy_mod = load("02_policy")
+loss_mod = load("03_grpo_loss")
+loop_mod = load("04_async_loop")
+
+
+def opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+TINY_TASKS = "click-button,click-link,click-dialog,click-test-2,focus-text,click-tab"
+
+
+@dataclass
+class TrainConfig:
+    # run
+    run_dir: str = opt("", "run directory (default: runs/<date>-<time>-<preset>)")
+    seed: int = opt(0, "seed of the task sampler, the sampler and the weights' updates")
+    updates: int = opt(8, "train until this policy version (a resumed run continues the count)")
+    checkpoint_every: int = opt(4, "save a checkpoint every this many updates (and at the end)")
+    keep_checkpoints: int = opt(2, "checkpoints kept on disk (older ones are deleted)")
+    log_trajectories: int = opt(2, "trajectories saved with their screenshots per update, for inspection")
+    # tasks
+    task_file: str = opt("", "a WebGym task file (JSONL or JSON list) instead of MiniWoB++")
+    tasks: str = opt(TINY_TASKS, "comma-separated MiniWoB++ task names; 'all' = every task of --split")
+    split: str = opt("train", "task split to train on: train | test")
+    max_steps: int = opt(0, "episode horizon; 0 = the task's own (10 / 20 / 30 for easy / medium / hard)")
+    # policy
+    model: str = opt(str(policy_mod.TINY_MODEL_DIR), "model path or hub name (the tiny model is built if absent)")
+    engine: str = opt("auto", "rollout engine: hf (transformers generate) | vllm | auto (vllm on GPU if installed)")
+    history: int = opt(3, "past actions shown in the prompt")
+    images: int = opt(1, "screenshots in the prompt (the latest N)")
+    max_new_tokens: int = opt(48, "reply budget in tokens")
+    memory_tokens: int = opt(24, "constrained decoding: the memory line ends by this many tokens")
+    temperature: float = opt(1.0, "sampling temperature (the loss uses the same)")
+    constrained: str = opt("auto", "grammar-constrained replies: on | off | auto (on for the tiny model)")
+    # loop
+    mode: str = opt("async", "async (everlasting pool, overlapped trainer) | sync (rollout all -> train -> refresh)")
+    workers: int = opt(8, "concurrent episodes (browser pages)")
+    group_size: int = opt(4, "G: trajectories per task group")
+    batch_groups: int = opt(2, "B: groups per update")
+    max_staleness: int = opt(2, "versions a trained step may lag the trainer")
+    dynamic_sampling: bool = opt(True, "reject groups whose rewards are all equal")
+    # loss
+    normalizer: str = opt("const", "step normalizer: const (1/k, the paper's) | traj (1/|tau_i|)")
+    k: float = opt(10.0, "the constant k of 1/k (the Easy training horizon)")
+    decoupled: bool = opt(True, "decoupled PPO (clip pi/pi_prox, weight by pi_prox/pi_behave); off: coupled")
+    eps_clip: float = opt(0.2, "PPO clip range")
+    # optimizer
+    lr: float = opt(1e-4, "AdamW learning rate")
+    weight_decay: float = opt(0.01, "AdamW weight decay")
+    grad_clip: float = opt(1.0, "gradient norm clip")
+    epochs: int = opt(1, "passes over each batch")
+    minibatches: int = opt(1, "optimizer steps per pass")
+    micro_batch: int = opt(16, "steps per forward/backward (gradient accumulation)")
+    # placement
+    gpus: int = opt(-1, "GPUs to use; -1 = all visible (0 on a CPU machine)")
+    rollout_gpus: int = opt(0, "of --gpus, how many serve rollout (vLLM); 0 = 3/4 of them, as the paper's 48:16")
+
+
+PRESETS = {
+    "tiny": {},  # the dataclass defaults: a laptop CPU, a few minutes
+    "paper": dict(model=policy_mod.PAPER_MODEL, engine="vllm", tasks="all", group_size=8, batch_groups=16,
+                  epochs=3, minibatches=2, lr=5e-6, images=2, max_new_tokens=512, constrained="off", workers=128,
+                  updates=300, checkpoint_every=10, micro_batch=4),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line: every TrainConfig field is a flag; defaults < preset < --config file < flags given.
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit status 2, no traceback."""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter,
+                                argument_default=argparse.SUPPRESS)  # only flags actually given reach the config
+    p.add_argument("--preset", choices=sorted(PRESETS), help="starting point: tiny (CPU default) | paper")
+    p.add_argument("--config", metavar="FILE", help="JSON file of TrainConfig fields")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="print the placement and the config, then exit")
+    p.add_argument("--compare-sync", action="store_true",
+                   help="throughput benchmark: sync, async with a drained pool, async with screenshots by value,\n"
+                        "full async, rollout alone and training alone, same config; writes figures/throughput.*")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default!r})"
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            p.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), metavar=f.name.upper(),
+                           help=help_text)
+    return p
+
+
+def resolve(argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:
+    args = vars(parser().parse_args(argv))
+    meta = {k: args.pop(k, None) for k in ("preset", "config", "resume", "dry_run", "compare_sync")}
+    values: dict = {}
+    if meta["resume"]:  # the resumed run's own config, then whatever the command line changes (e.g. --updates)
+        saved = Path(meta["resume"]) / "config.json"
+        if not saved.is_file():
+            raise UsageError(f"--resume {meta['resume']}: no config.json there (not a run directory?)")
+        values.update(json.loads(saved.read_text())["config"])
+        values["run_dir"] = meta["resume"]
+    values.update(PRESETS[meta["preset"] or "tiny"] if not meta["resume"] else {})
+    if meta["config"]:
+        try:
+            values.update(json.loads(Path(meta["config"]).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise UsageError(f"--config {meta['config']}: {e}")
+    values.update(args)
+    unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise UsageError(f"unknown config field(s): {sorted(unknown)}")
+    cfg = TrainConfig(**values)
+    if not cfg.run_dir:
+        cfg.run_dir = str(Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{meta['preset'] or 'tiny'}")
+    return cfg, argparse.Namespace(**meta)
+
+
+def check(cfg: TrainConfig, dry_run: bool = False) -> None:
+    """Every bad input found before anything starts, each as one clear sentence. A dry run plans for GPUs this
+    machine may not have."""
+    choices = dict(engine=("auto", "hf", "vllm"), split=("train", "test"), constrained=("auto", "on", "off"),
+                   mode=("async", "sync"), normalizer=("const", "traj"))
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise UsageError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+    for name in ("updates", "workers", "group_size", "batch_groups", "checkpoint_every", "epochs", "minibatches",
+                 "micro_batch", "max_new_tokens"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.group_size < 2:
+        raise UsageError("--group-size must be at least 2: GRPO compares trajectories within a group")
+    model = Path(cfg.model)
+    if not model.exists() and model.resolve() != policy_mod.TINY_MODEL_DIR.resolve():
+        if cfg.model.startswith((".", "/", "~")) or os.environ.get("HF_HUB_OFFLINE") == "1" or model.suffix:
+            raise UsageError(f"--model {cfg.model}: no such directory (and not a hub name that can be fetched)")
+    visible = torch.cuda.device_count()
+    if cfg.gpus > visible and not dry_run:
+        raise UsageError(f"--gpus {cfg.gpus}: this machine has {visible} GPU(s)")
+    load_tasks(cfg)
+
+
+def load_tasks(cfg: TrainConfig) -> list:
+    try:
+        if cfg.task_file:
+            tasks = env.load_webgym_tasks(cfg.task_file, split=cfg.split)
+        else:
+            names = None if cfg.tasks == "all" else [n.strip() for n in cfg.tasks.split(",") if n.strip()]
+            tasks = env.miniwob_tasks(split=cfg.split if names is None else None, names=names)
+    except (env.TaskFileError, ValueError, OSError) as e:
+        raise UsageError(str(e))
+    if not tasks:
+        raise UsageError(f"no tasks selected (tasks={cfg.tasks!r}, split={cfg.split!r})")
+    return [dataclasses.replace(t, max_steps=cfg.max_steps) for t in tasks] if cfg.max_steps else tasks
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Placement: which device does what.
+
+
+def placement(cfg: TrainConfig, gpus: int | None = None) -> dict:
+    gpus = torch.cuda.device_count() if (gpus if gpus is not None else cfg.gpus) < 0 else \
+        (gpus if gpus is not None else cfg.gpus)
+    if gpus == 0:
+        return dict(gpus=0, rollout="cpu (transformers generate)", trainer="cpu (fp32)", rollout_devices=[],
+                    trainer_devices=[])
+    if gpus == 1:  # one GPU shared: the engine takes a slice of its memory, the trainer the rest
+        return dict(gpus=1, rollout="cuda:0 (shared with the trainer)", trainer="cuda:0 (bf16)",
+                    rollout_devices=[0], trainer_devices=[0])
+    n_rollout = cfg.rollout_gpus or min(gpus - 1, max(1, round(gpus * 0.75)))  # paper: 48 rollout + 16 trainer GPUs = 3:1
+    if not 1 <= n_rollout < gpus:
+        raise UsageError(f"--rollout-gpus {n_rollout} must leave at least one of the {gpus} GPUs to the trainer")
+    roll, train = list(range(n_rollout)), list(range(n_rollout, gpus))
+    return dict(gpus=gpus, rollout=f"{cfg.engine} engine(s) on cuda:{roll[0]}..{roll[-1]} ({n_rollout} GPUs)",
+                trainer=f"FSDP2 over cuda:{train[0]}..{train[-1]} ({len(train)} GPUs, torch.distributed)",
+                rollout_devices=roll, trainer_devices=train)
+
+
+def print_placement(p: dict) -> None:
+    print(f"placement: {p['gpus']} GPU(s)\n  rollout : {p['rollout']}\n  trainer : {p['trainer']}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run directory: config, metrics, trajectories, checkpoints.
+
+
+class Run:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg, self.dir = cfg, Path(cfg.run_dir)
+        (self.dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+    def save_config(self) -> None:
+        commit = _git_commit()
+        (self.dir / "config.json").write_text(json.dumps(dict(config=dataclasses.asdict(self.cfg), commit=commit,
+                                                              argv=sys.argv[1:]), indent=2) + "\n")
+
+    def latest_checkpoint(self) -> Path | None:
+        latest = self.dir / "checkpoints" / "latest"
+        return self.dir / "checkpoints" / latest.read_text().strip() if latest.is_file() else None
+
+    def log_metrics(self, row: dict) -> None:
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def truncate_metrics(self, version: int) -> None:
+        """On resume: rows after the checkpoint's version are updates that were lost; they will be redone."""
+        path = self.dir / "metrics.jsonl"
+        if path.is_file():
+            rows = [line for line in path.read_text().splitlines() if line.strip()]
+            keep = [r for r in rows if _parse_row(r).get("version", 0) <= version]
+            path.write_text("".join(r + "\n" for r in keep))
+
+    def log_trajectories(self, groups, store, version: int) -> None:
+        trajs = [t for g in groups for t in g.trajectories][:self.cfg.log_trajectories]
+        for t in trajs:
+            folder = self.dir / "trajectories" / f"v{version:04d}" / f"traj{t.id}"
+            folder.mkdir(parents=True, exist_ok=True)
+            steps = []
+            for n, s in enumerate(t.steps):
+                shot = s.turn.images[-1] if s.turn.images else None
+                if shot:
+                    (folder / f"step{n:02d}.jpg").write_bytes(store.get(shot))
+                steps.append(dict(reply=s.sample.text, action_error=s.action_error, version=s.sample.version,
+                                  tokens=len(s.sample.token_ids), screenshot=f"step{n:02d}.jpg" if shot else None))
+            (folder / "trajectory.json").write_text(json.dumps(dict(task=t.task, seed=t.seed, reward=t.reward,
+                                                                    end=t.end, steps=steps), indent=1))
+
+    def save_checkpoint(self, policy, learner, pool, version: int) -> None:
+        """Model files first, then trainer state, then the `latest` pointer (atomic rename): a kill at any point
+        leaves the previous checkpoint intact and pointed to."""
+        folder = self.dir / "checkpoints" / f"v{version:04d}"
+        tmp = folder.with_suffix(".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy.model.save_pretrained(tmp / "model")
+        policy.tokenizer.save_pretrained(tmp / "model")
+        policy.image_processor.save_pretrained(tmp / "model")
+        if policy_mod.is_tiny(policy.cfg.model):
+            (tmp / "model" / "asyncwebrl-tiny").write_text("tiny model checkpoint\n")
+        torch.save(dict(version=version, optimizer=learner.optimizer.state_dict(), torch_rng=torch.get_rng_state(),
+                        python_rng=random.getstate(), task_rng=pool.rng.getstate(),
+                        task_order=[t.id for t in pool.order]), tmp / "trainer.pt")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        pointer = self.dir / "checkpoints" / "latest.tmp"
+        pointer.write_text(folder.name + "\n")
+        os.replace(pointer, self.dir / "checkpoints" / "latest")
+        old = sorted(p for p in (self.dir / "checkpoints").glob("v*") if p.is_dir() and p.suffix != ".tmp")
+        for stale in old[:-self.cfg.keep_checkpoints]:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _parse_row(line: str) -> dict:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:  # a row cut by a kill mid-write: dropped
+        return {"version": 10**9}
+
+
+def _git_commit() -> str:
+    head = ROOT / ".git" / "HEAD"
+    try:
+        ref = head.read_text().strip()
+        return (ROOT / ".git" / ref[5:]).read_text().strip()[:12] if ref.startswith("ref: ") else ref[:12]
+    except OSError:
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Progress: one bar, the numbers a researcher watches.
+
+
+def progress_bar(cfg: TrainConfig, start: int):
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.updates, initial=start, unit="update", dynamic_ncols=True, file=sys.stdout,
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def policy_config(cfg: TrainConfig, place: dict, model: str | None = None):
+    return policy_mod.PolicyConfig(model=model or cfg.model, history=cfg.history, images=cfg.images,
+                                   max_new_tokens=cfg.max_new_tokens, memory_tokens=cfg.memory_tokens,
+                                   temperature=cfg.temperature,
+                                   constrained=None if cfg.constrained == "auto" else cfg.constrained == "on",
+                                   device=f"cuda:{place['trainer_devices'][0]}" if place["trainer_devices"] else None)
+
+
+def build(cfg: TrainConfig, pcfg, store, tasks: list, version: int = 0, **loop_overrides):
+    """Policy (trainer side), sampler (rollout side, its own copy of the weights), learner and loop."""
+    policy = policy_mod.Policy(pcfg)
+    sampler = policy_mod.make_sampler(dataclasses.replace(pcfg, device=None), cfg.engine)
+    sampler.version = version
+    learner = loop_mod.Learner(policy, store,
+                               loss_mod.LossConfig(normalizer=cfg.normalizer, k=cfg.k, decoupled=cfg.decoupled,
+                                                   eps_clip=cfg.eps_clip),
+                               loop_mod.LearnerConfig(lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                                      grad_clip=cfg.grad_clip, epochs=cfg.epochs,
+                                                      minibatches=cfg.minibatches, micro_batch=cfg.micro_batch))
+    loop_cfg = loop_mod.LoopConfig(**{**dict(mode=cfg.mode, workers=cfg.workers, group_size=cfg.group_size,
+                                             batch_groups=cfg.batch_groups, max_staleness=cfg.max_staleness,
+                                             dynamic_sampling=cfg.dynamic_sampling, updates=cfg.updates,
+                                             seed=cfg.seed), **loop_overrides})
+    loop = loop_mod.Loop(loop_cfg, loop_mod.BrowserEnvs(store), sampler, learner, tasks, store)
+    return policy, sampler, learner, loop
+
+
+def train(cfg: TrainConfig) -> Path:
+    place = placement(cfg)
+    if len(place["trainer_devices"]) > 1:
+        raise UsageError("the multi-GPU trainer (FSDP2 over several GPUs) is not implemented yet: "
+                         "use --gpus 1 or --gpus 0")
+    run = Run(cfg)
+    run.save_config()
+    print_placement(place)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    tasks = load_tasks(cfg)
+    ckpt, version, model = run.latest_checkpoint(), 0, None
+    if ckpt is not None:
+        state = torch.load(ckpt / "trainer.pt", weights_only=False)
+        version, model = state["version"], str(ckpt / "model")
+        run.truncate_metrics(version)
+        print(f"resuming {run.dir} from {ckpt.name} (version {version})")
+    store = env.ScreenshotStore()
+    policy, sampler, learner, loop = build(cfg, policy_config(cfg, place, model), store, tasks, version)
+    if ckpt is not None:  # continue exactly where the checkpoint was: optimizer moments, RNGs, task order
+        learner.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        loop.pool.rng.setstate(state["task_rng"])
+        by_id = {t.id: t for t in tasks}
+        loop.pool.order = [by_id[i] for i in state["task_order"] if i in by_id]
+    if version >= cfg.updates:
+        print(f"nothing to do: version {version} >= --updates {cfg.updates}")
+        return run.dir
+    bar = progress_bar(cfg, version)
+
+    def on_update(m: dict, groups) -> None:
+        row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in m.items()}
+        row["utilisation"] = loop.timeline.utilisation()
+        run.log_metrics(row)
+        run.log_trajectories(groups, store, m["version"])
+        if m["version"] % cfg.checkpoint_every == 0 or m["version"] == cfg.updates:
+            run.save_checkpoint(policy, learner, loop.pool, m["version"])
+        bar.set_postfix_str(f"success {m['success']:.2f} | steps {m['steps']:.1f} | {m['samples_per_s']:.2f} "
+                            f"samples/s | staleness {m['staleness_mean']:.1f} | loss {m['loss']:+.4f}")
+        bar.update(1)
+
+    loop.on_update = on_update
+    try:
+        loop.run()
+    finally:
+        bar.close()
+        loop.timeline.dump(run.dir / "timeline.jsonl")
+    print(f"done: version {loop.version}; run directory {run.dir}")
+    return run.dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --compare-sync: the throughput benchmark. Every variant starts from the same weights, the same tasks and the same
+# seed, and runs the same number of updates (B x G trajectories each), one after the other on this machine.
+
+VARIANTS = [("sync", dict(mode="sync")), ("async, drained pool", dict(mode="async", drain=True)),
+            ("async, screenshots by value", dict(mode="async", screenshots_by_value=True)),
+            ("async (full)", dict(mode="async"))]
+
+
+class _NoTraining:
+    """Rollout-only stage: a learner that takes no time (the refresh still reloads the same weights)."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def update(self, groups):
+        return {}
+
+    def state_dict(self):
+        return self.policy.state_dict()
+
+
+def _timed_run(cfg, pcfg, tasks, name, keep_batch=False, no_training=False, **overrides) -> dict:
+    store = env.ScreenshotStore()
+    torch.manual_seed(cfg.seed)
+    policy, sampler, learner, loop = build(cfg, pcfg, store, tasks, **overrides)
+    if no_training:
+        loop.learner = _NoTraining(policy)
+    kept = {}
+
+    def on_update(m, groups):
+        print(f"  [{name}] update {m['version']}/{cfg.updates}: {m['samples']} samples, "
+              f"{m['update_s']:.1f}s", flush=True)
+        if keep_batch:  # for the train-only measurement: this batch, with its screenshots' bytes
+            kept["groups"] = [loop_mod.by_value(g, store) for g in groups]
+
+    loop.on_update = on_update
+    t0 = time.perf_counter()
+    loop.run()
+    wall = time.perf_counter() - t0
+    samples = sum(m["samples"] for m in loop.history)
+    # steady state: from the end of the first update to the end of the last, so that start-up (chromium, first
+    # pages, first model calls) does not decide the comparison; end-to-end numbers are kept beside it
+    h = loop.history
+    steady = sum(m["samples"] for m in h[1:]) / (h[-1]["time_s"] - h[0]["time_s"]) if len(h) > 1 else float("nan")
+    spans = [dict(component=c, kind=k, start=round(a, 3), end=round(b, 3)) for c, k, a, b, _ in loop.timeline.spans]
+    return dict(name=name, wall_s=round(wall, 2), updates=len(loop.history), samples=samples,
+                trajectories=loop.stats.trained, samples_per_s=round(steady, 4),
+                end_to_end_samples_per_s=round(samples / wall, 4),
+                trajectories_per_s=round(loop.stats.trained / wall, 4),
+                utilisation=loop.timeline.utilisation(wall), dropped_stale=loop.stats.dropped_stale,
+                spans=spans), kept.get("groups"), learner
+
+
+def compare_sync(cfg: TrainConfig, out: Path = ROOT / "figures") -> dict:
+    place = placement(cfg)
+    tasks, pcfg = load_tasks(cfg), policy_config(cfg, place)
+    results, batch, learner = [], None, None
+    for name, overrides in VARIANTS:
+        r, groups, lrn = _timed_run(cfg, pcfg, tasks, name, keep_batch=name == "async (full)", **overrides)
+        results.append(r)
+        if groups is not None:
+            batch, learner = groups, lrn
+    rollout, _, _ = _timed_run(cfg, pcfg, tasks, "rollout only", no_training=True, mode="async")
+    times = []
+    for _ in range(3):  # train-only: the last async batch, again, on the trained weights
+        t0 = time.perf_counter()
+        learner.update(batch)
+        times.append(time.perf_counter() - t0)
+    samples = sum(len(t.steps) for g in batch for t in g.trajectories)
+    train_sps = samples / sorted(times)[1]
+    by = {r["name"]: r for r in results}
+    slower = min(rollout["samples_per_s"], train_sps)
+    summary = dict(
+        machine=f"{place['rollout']} / {place['trainer']}, {torch.get_num_threads()} torch threads",
+        config={k: getattr(cfg, k) for k in ("updates", "workers", "group_size", "batch_groups", "max_steps",
+                                               "tasks", "max_staleness", "dynamic_sampling")},
+        commit=_git_commit(),
+        speedup_async_over_sync=round(by["async (full)"]["samples_per_s"] / by["sync"]["samples_per_s"], 3),
+        rollout_only_samples_per_s=rollout["samples_per_s"], train_only_samples_per_s=round(train_sps, 4),
+        overlap_efficiency=round(by["async (full)"]["samples_per_s"] / slower, 3),
+        ablation=[{k: r[k] for k in ("name", "wall_s", "samples", "trajectories", "samples_per_s",
+                                     "end_to_end_samples_per_s", "trajectories_per_s", "utilisation",
+                                     "dropped_stale")} for r in results],
+        timelines={r["name"]: r["spans"] for r in results if r["name"] in ("sync", "async (full)")})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "throughput.json").write_text(json.dumps(summary, indent=1) + "\n")
+    throughput_figure(summary, out / "throughput.png")
+    print(f"\n{'variant':30s} {'samples/s':>10s} {'end-to-end':>11s} {'traj/s':>8s} {'vs sync':>8s}  utilisation")
+    for r in summary["ablation"]:
+        print(f"{r['name']:30s} {r['samples_per_s']:10.3f} {r['end_to_end_samples_per_s']:11.3f} "
+              f"{r['trajectories_per_s']:8.3f} {r['samples_per_s'] / by['sync']['samples_per_s']:7.2f}x  "
+              f"{r['utilisation']}")
+    print(f"rollout only {summary['rollout_only_samples_per_s']:.3f} samples/s, train only "
+          f"{summary['train_only_samples_per_s']:.3f} samples/s; overlap efficiency "
+          f"{summary['overlap_efficiency']:.2f} (1.0 = the slower stage never waits)")
+    print(f"wrote {out / 'throughput.json'} and {out / 'throughput.png'}")
+    return summary
+
+
+def throughput_figure(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(13, 8))
+    grid = fig.add_gridspec(2, 2, height_ratios=[1, 1.2])
+    bars, util = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
+    rows = summary["ablation"]
+    names = [r["name"] for r in rows]
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red"]  # the same colour per variant in both panels
+    bars.barh(names, [r["samples_per_s"] for r in rows], color=palette)
+    bars.axvline(summary["rollout_only_samples_per_s"], color="k", ls=":", label="rollout alone")
+    bars.axvline(summary["train_only_samples_per_s"], color="r", ls="--", label="training alone")
+    bars.set_xlabel("trained samples (replies) per second, steady state (after the first update)")
+    bars.set_title(f"Throughput: async {summary['speedup_async_over_sync']:.2f}x sync, "
+                   f"overlap efficiency {summary['overlap_efficiency']:.2f}")
+    bars.legend(fontsize=8)
+    comps = ["env", "inference", "trainer"]
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        util.bar([c + i * width for c in range(len(comps))], [r["utilisation"].get(c, 0) for c in comps], width,
+                 label=r["name"], color=palette[i])
+    util.set_xticks([c + 0.4 - width / 2 for c in range(len(comps))], ["env workers (mean)", "inference", "trainer"])
+    util.set_ylabel("busy fraction of wall-clock")
+    util.set_ylim(0, 1)
+    util.set_title("Utilisation per component")
+    util.legend(fontsize=7)
+    colors = {"step": "tab:green", "reset": "tab:olive", "sample": "tab:blue", "train": "tab:red",
+              "refresh": "k", "drain": "tab:orange"}
+    for col, name in enumerate(("sync", "async (full)")):
+        ax = fig.add_subplot(grid[1, col])
+        spans = summary["timelines"][name]
+        lanes = sorted({s["component"] for s in spans}, key=lambda c: (not c.startswith("env"), c))
+        for s in spans:
+            if s["kind"] in colors:
+                ax.barh(lanes.index(s["component"]), s["end"] - s["start"], left=s["start"],
+                        color=colors[s["kind"]], height=0.7)
+        ax.set_yticks(range(len(lanes)), lanes, fontsize=7)
+        ax.set_xlabel("seconds")
+        ax.set_title(f"Timeline, {name}")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+    fig.legend(handles, list(colors), loc="lower center", ncol=len(colors), fontsize=8)
+    fig.suptitle(f"asyncwebrl throughput benchmark (commit {summary['commit']}; {summary['machine']})", fontsize=9)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg, meta = resolve(argv)
+        check(cfg, meta.dry_run)
+        if meta.dry_run:
+            print_placement(placement(cfg, cfg.gpus if cfg.gpus >= 0 else None))
+            print(json.dumps(dataclasses.asdict(cfg), indent=2))
+            return 0
+        if meta.compare_sync:
+            compare_sync(cfg)
+            return 0
+        train(cfg)
+    except UsageError as e:
+        print(f"05_train.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: the latest checkpoint is kept; continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
