@@ -459,13 +459,12 @@ class Policy(_Prompter):
         batch = {k: v.to(self.device) for k, v in batch.items()}
         resp = batch.pop("response_mask")
         width = max(len(r) for r in responses)
-        # position p predicts token p+1: gather the hidden states just before each response token, and apply the
-        # LM head to those only (a full [S, L, V] logits tensor would dwarf everything for a 151k vocabulary)
+        # position p predicts token p+1: the LM head is applied only at the positions just before each response
+        # token (a full [S, L, V] logits tensor would dwarf everything for a 151k vocabulary). One call of the
+        # whole model, so that wrappers such as FSDP2 see an ordinary forward.
         start = resp.float().argmax(1)  # first response column of each row (right padding)
         cols = (start[:, None] - 1 + torch.arange(width, device=self.device)).clamp(max=resp.shape[1] - 1)
-        hidden = self.model.model(**batch).last_hidden_state
-        hidden = hidden.gather(1, cols[..., None].expand(-1, -1, hidden.shape[-1]))
-        logits = self.model.lm_head(hidden).float() / self.cfg.temperature
+        logits = self.model(**batch, logits_to_keep=cols).logits.float() / self.cfg.temperature
         mask = torch.zeros(len(turns), width, dtype=torch.bool, device=self.device)
         tokens = torch.full((len(turns), width), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
         for i, r in enumerate(responses):

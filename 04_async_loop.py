@@ -476,8 +476,9 @@ class LearnerConfig:
 class Learner:
     """Turns B groups into one (or a few) optimizer steps of the 03 loss on the 02 Policy."""
 
-    def __init__(self, policy, store, loss_cfg=None, cfg: LearnerConfig | None = None):
-        self.policy, self.store = policy, store
+    def __init__(self, policy, store, loss_cfg=None, cfg: LearnerConfig | None = None, rank: int = 0,
+                 world: int = 1):
+        self.policy, self.store, self.rank, self.world = policy, store, rank, world  # world > 1: see 05_train.py
         self.loss_cfg, self.cfg = loss_cfg or loss_mod.LossConfig(), cfg or LearnerConfig()
         params = [p for p in policy.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
@@ -485,6 +486,17 @@ class Learner:
     def _logprobs(self, steps: list[Step]):
         return self.policy.logprobs([s.turn for s in steps], [s.sample.token_ids for s in steps],
                                     _StepImages(steps, self.store))
+
+    def _my_chunks(self, idx: list[int]) -> list[list[int]]:
+        """This rank's micro-batches of rows `idx` (data parallel: rank r owns the rows r, r + world, ..., for pi_prox
+        and for the loss alike). Every rank gets the same number of chunks: a sharded model gathers its weights in
+        each forward, so all ranks must run the same count; a rank short of rows runs an empty chunk (a forward
+        with zero weight)."""
+        micro = self.cfg.micro_batch
+        owned = [[r for r in idx if r % self.world == rank] for rank in range(self.world)]
+        n = max(-(-len(rows) // micro) for rows in owned)
+        mine = owned[self.rank]
+        return [mine[a * micro:(a + 1) * micro] for a in range(n)]
 
     def update(self, groups: list[Group]) -> dict:
         trajs = [t for g in groups for t in g.trajectories]
@@ -496,28 +508,32 @@ class Learner:
         behave = torch.zeros(len(rows), width)
         for r, (_, s) in enumerate(rows):
             behave[r, :len(s.sample.logprobs)] = torch.tensor(s.sample.logprobs)
-        chunks = [list(range(a, min(a + self.cfg.micro_batch, len(rows)))) for a in range(0, len(rows),
-                                                                                         self.cfg.micro_batch)]
         with torch.no_grad():  # pi_prox: the weights at the start of this train step, one forward
             prox = torch.zeros(len(rows), width)
-            for c in chunks:
-                lp, _ = self._logprobs([rows[r][1] for r in c])
-                prox[c, :lp.shape[1]] = lp.float().cpu()
+            for c in self._my_chunks(list(range(len(rows)))):
+                lp, _ = self._logprobs([rows[r][1] for r in (c or [0])])
+                if c:
+                    prox[c, :lp.shape[1]] = lp.float().cpu()
         metrics = collections.defaultdict(float)
         per_mb, n_steps = -(-len(rows) // self.cfg.minibatches), self.cfg.epochs * self.cfg.minibatches
+        shuffle = torch.Generator().manual_seed(trajs[0].id * 7919 + len(rows))  # the same order on every rank
         minibatches = [order[mb * per_mb:(mb + 1) * per_mb] for _ in range(self.cfg.epochs)
-                       for order in [torch.randperm(len(rows)).tolist()] for mb in range(self.cfg.minibatches)]
+                       for order in [torch.randperm(len(rows), generator=shuffle).tolist()]
+                       for mb in range(self.cfg.minibatches)]
         for idx in minibatches:
-            n_tokens = sum(len(rows[r][1].sample.token_ids) for r in idx)
-            for a in range(0, len(idx), self.cfg.micro_batch):
-                c = idx[a:a + self.cfg.micro_batch]
-                logp, mask = self._logprobs([rows[r][1] for r in c])
+            n_tokens = sum(len(rows[r][1].sample.token_ids) for r in idx)  # |T| of the whole minibatch
+            for c in self._my_chunks(idx):
+                logp, mask = self._logprobs([rows[r][1] for r in (c or idx[:1])])
                 T = logp.shape[1]
-                loss, m = loss_mod.grpo_loss(logp.float(), prox[c, :T].to(logp.device), behave[c, :T].to(logp.device),
-                                             mask, torch.tensor([rows[r][0] for r in c], device=logp.device),
+                loss, m = loss_mod.grpo_loss(logp.float(), prox[c or idx[:1], :T].to(logp.device),
+                                             behave[c or idx[:1], :T].to(logp.device), mask,
+                                             torch.tensor([rows[r][0] for r in (c or idx[:1])], device=logp.device),
                                              cfg=self.loss_cfg, n_tokens=n_tokens,
                                              **{k: v.to(logp.device) for k, v in traj_args.items()})
-                loss.backward()
+                # a sharded model averages gradients over ranks; the loss is a sum over the minibatch's tokens
+                (loss * (self.world if c else 0.0)).backward()
+                if not c:
+                    continue
                 metrics["loss"] += float(loss.detach()) / n_steps
                 share = float(mask.sum()) / n_tokens / n_steps  # token-weighted means over chunks and steps
                 for k, v in m.items():
@@ -527,11 +543,24 @@ class Learner:
                         metrics[k] = v if k == "degenerate_groups" else metrics[k] + v / self.cfg.epochs
                     else:
                         metrics[k] += v * share
-            metrics["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(),
-                                                                         self.cfg.grad_clip)) / n_steps
+            norm = torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), self.cfg.grad_clip)
+            metrics["grad_norm"] += float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm) / n_steps
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return dict(metrics)
+        return self._gather_metrics(dict(metrics))
+
+    def _gather_metrics(self, metrics: dict) -> dict:
+        """Sharded: every rank measured its rows; token-weighted sums add up to the batch's means."""
+        if self.world == 1:
+            return metrics
+        import torch.distributed as dist
+
+        keys = sorted(k for k in metrics if k not in ("iw_max", "degenerate_groups", "grad_norm"))
+        total = torch.tensor([metrics.get(k, 0.0) for k in keys], dtype=torch.float64)
+        peak = torch.tensor([metrics.get("iw_max", 0.0)], dtype=torch.float64)
+        dist.all_reduce(total)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        return {**metrics, **dict(zip(keys, total.tolist())), "iw_max": float(peak)}
 
     def state_dict(self) -> dict:
         return self.policy.state_dict()

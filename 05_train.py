@@ -87,6 +87,7 @@ class TrainConfig:
     # placement
     gpus: int = opt(-1, "GPUs to use; -1 = all visible (0 on a CPU machine)")
     rollout_gpus: int = opt(0, "of --gpus, how many serve rollout (vLLM); 0 = 3/4 of them, as the paper's 48:16")
+    trainer_procs: int = opt(1, "CPU only: trainer processes sharding the model with FSDP2 over gloo (as on GPUs)")
 
 
 PRESETS = {
@@ -167,7 +168,7 @@ def check(cfg: TrainConfig, dry_run: bool = False) -> None:
     if cfg.group_size < 2:
         raise UsageError("--group-size must be at least 2: GRPO compares trajectories within a group")
     model = Path(cfg.model)
-    if not model.exists() and model.resolve() != policy_mod.TINY_MODEL_DIR.resolve():
+    if not dry_run and not model.exists() and model.resolve() != policy_mod.TINY_MODEL_DIR.resolve():
         if cfg.model.startswith((".", "/", "~")) or os.environ.get("HF_HUB_OFFLINE") == "1" or model.suffix:
             raise UsageError(f"--model {cfg.model}: no such directory (and not a hub name that can be fetched)")
     visible = torch.cuda.device_count()
@@ -198,18 +199,20 @@ def placement(cfg: TrainConfig, gpus: int | None = None) -> dict:
     gpus = torch.cuda.device_count() if (gpus if gpus is not None else cfg.gpus) < 0 else \
         (gpus if gpus is not None else cfg.gpus)
     if gpus == 0:
-        return dict(gpus=0, rollout="cpu (transformers generate)", trainer="cpu (fp32)", rollout_devices=[],
-                    trainer_devices=[])
+        procs = max(1, cfg.trainer_procs)
+        return dict(gpus=0, rollout="cpu (transformers generate)", rollout_devices=[], trainer_devices=[],
+                    trainer="cpu (fp32)" if procs == 1 else f"FSDP2 over {procs} CPU processes (gloo)",
+                    trainer_procs=procs)
     if gpus == 1:  # one GPU shared: the engine takes a slice of its memory, the trainer the rest
         return dict(gpus=1, rollout="cuda:0 (shared with the trainer)", trainer="cuda:0 (bf16)",
-                    rollout_devices=[0], trainer_devices=[0])
+                    rollout_devices=[0], trainer_devices=[0], trainer_procs=1)
     n_rollout = cfg.rollout_gpus or min(gpus - 1, max(1, round(gpus * 0.75)))  # paper: 48 rollout + 16 trainer GPUs = 3:1
     if not 1 <= n_rollout < gpus:
         raise UsageError(f"--rollout-gpus {n_rollout} must leave at least one of the {gpus} GPUs to the trainer")
     roll, train = list(range(n_rollout)), list(range(n_rollout, gpus))
     return dict(gpus=gpus, rollout=f"{cfg.engine} engine(s) on cuda:{roll[0]}..{roll[-1]} ({n_rollout} GPUs)",
                 trainer=f"FSDP2 over cuda:{train[0]}..{train[-1]} ({len(train)} GPUs, torch.distributed)",
-                rollout_devices=roll, trainer_devices=train)
+                rollout_devices=roll, trainer_devices=train, trainer_procs=len(train))
 
 
 def print_placement(p: dict) -> None:
@@ -267,12 +270,17 @@ class Run:
         folder = self.dir / "checkpoints" / f"v{version:04d}"
         tmp = folder.with_suffix(".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        policy.model.save_pretrained(tmp / "model")
+        tmp.mkdir(parents=True)
+        if isinstance(learner, ShardedLearner):  # every rank writes its optimizer shard; the model is gathered
+            policy.model.save_pretrained(tmp / "model", state_dict=learner.save(tmp))
+        else:
+            policy.model.save_pretrained(tmp / "model")
         policy.tokenizer.save_pretrained(tmp / "model")
         policy.image_processor.save_pretrained(tmp / "model")
         if policy_mod.is_tiny(policy.cfg.model):
             (tmp / "model" / "asyncwebrl-tiny").write_text("tiny model checkpoint\n")
-        torch.save(dict(version=version, optimizer=learner.optimizer.state_dict(), torch_rng=torch.get_rng_state(),
+        torch.save(dict(version=version, torch_rng=torch.get_rng_state(),
+                        optimizer=None if isinstance(learner, ShardedLearner) else learner.optimizer.state_dict(),
                         python_rng=random.getstate(), task_rng=pool.rng.getstate(),
                         task_order=[t.id for t in pool.order]), tmp / "trainer.pt")
         shutil.rmtree(folder, ignore_errors=True)
@@ -316,25 +324,21 @@ def progress_bar(cfg: TrainConfig, start: int):
 # Training
 
 
-def policy_config(cfg: TrainConfig, place: dict, model: str | None = None):
+def policy_config(cfg: TrainConfig, place: dict, model: str | None = None, rank: int = 0):
     return policy_mod.PolicyConfig(model=model or cfg.model, history=cfg.history, images=cfg.images,
                                    max_new_tokens=cfg.max_new_tokens, memory_tokens=cfg.memory_tokens,
                                    temperature=cfg.temperature,
                                    constrained=None if cfg.constrained == "auto" else cfg.constrained == "on",
-                                   device=f"cuda:{place['trainer_devices'][0]}" if place["trainer_devices"] else None)
+                                   device=f"cuda:{place['trainer_devices'][rank]}" if place["trainer_devices"] else None)
 
 
-def build(cfg: TrainConfig, pcfg, store, tasks: list, version: int = 0, **loop_overrides):
+def build(cfg: TrainConfig, pcfg, store, tasks: list, version: int = 0, world: int = 1, **loop_overrides):
     """Policy (trainer side), sampler (rollout side, its own copy of the weights), learner and loop."""
-    policy = policy_mod.Policy(pcfg)
     sampler = policy_mod.make_sampler(dataclasses.replace(pcfg, device=None), cfg.engine)
     sampler.version = version
-    learner = loop_mod.Learner(policy, store,
-                               loss_mod.LossConfig(normalizer=cfg.normalizer, k=cfg.k, decoupled=cfg.decoupled,
-                                                   eps_clip=cfg.eps_clip),
-                               loop_mod.LearnerConfig(lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                                      grad_clip=cfg.grad_clip, epochs=cfg.epochs,
-                                                      minibatches=cfg.minibatches, micro_batch=cfg.micro_batch))
+    policy, learner = make_learner(cfg, pcfg, store, rank=0, world=world)
+    if world > 1:
+        learner = ShardedLearner(learner)
     loop_cfg = loop_mod.LoopConfig(**{**dict(mode=cfg.mode, workers=cfg.workers, group_size=cfg.group_size,
                                              batch_groups=cfg.batch_groups, max_staleness=cfg.max_staleness,
                                              dynamic_sampling=cfg.dynamic_sampling, updates=cfg.updates,
@@ -343,11 +347,148 @@ def build(cfg: TrainConfig, pcfg, store, tasks: list, version: int = 0, **loop_o
     return policy, sampler, learner, loop
 
 
+def make_learner(cfg: TrainConfig, pcfg, store, rank: int = 0, world: int = 1):
+    policy = policy_mod.Policy(pcfg)
+    if world > 1:
+        shard(policy.model)  # before the optimizer is made: it must hold the sharded parameters
+    learner = loop_mod.Learner(policy, store,
+                               loss_mod.LossConfig(normalizer=cfg.normalizer, k=cfg.k, decoupled=cfg.decoupled,
+                                                   eps_clip=cfg.eps_clip),
+                               loop_mod.LearnerConfig(lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                                      grad_clip=cfg.grad_clip, epochs=cfg.epochs,
+                                                      minibatches=cfg.minibatches, micro_batch=cfg.micro_batch),
+                               rank=rank, world=world)
+    return policy, learner
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Several trainer devices: FSDP2, data parallel. Rank 0 runs everything a single-device run does (rollout thread,
+# loop, trainer thread); its learner sends every call to the other ranks first, and they run the same collective
+# computation on their share of the batch. Started by torch.multiprocessing.spawn; NCCL on GPUs, gloo on CPU (where
+# `--trainer-procs 2` exercises the same path in the tests). Across nodes, torch's own launcher (torchrun) and
+# rendezvous start the ranks instead; the code below only needs RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT.
+
+
+def shard(model) -> None:
+    """FSDP2: each transformer block is one unit (its weights gathered just for its own forward/backward), then
+    the rest (embeddings, head, merger) as the root unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in model.modules():
+        if type(module).__name__.endswith(("DecoderLayer", "VisionBlock")):
+            fully_shard(module)
+    fully_shard(model)
+
+
+def full_state_dict(model) -> dict:
+    """All ranks take part; rank 0 receives the whole unsharded state dict (on CPU), e.g. for the rollout engine."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _broadcast(message=None):
+    import torch.distributed as dist
+
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class ShardedLearner:
+    """Rank 0's learner. Screenshots go with the batch (the other ranks have no store), once per update."""
+
+    def __init__(self, learner):
+        self.learner, self.policy, self.optimizer = learner, learner.policy, learner.optimizer
+
+    def update(self, groups):
+        groups = [loop_mod.by_value(g, self.learner.store) for g in groups]
+        _broadcast(("update", groups))
+        return self.learner.update(groups)
+
+    def state_dict(self) -> dict:
+        _broadcast(("state_dict",))
+        return full_state_dict(self.policy.model)
+
+    def save(self, folder: Path) -> dict:
+        """Every rank saves its optimizer shard; returns the full model state dict for rank 0 to save."""
+        _broadcast(("save", str(folder)))
+        torch.save(self.optimizer.state_dict(), folder / "optimizer.rank0.pt")
+        return full_state_dict(self.policy.model)
+
+    def stop(self) -> None:
+        _broadcast(("stop",))
+
+
+def follow(learner) -> None:
+    """Ranks 1..n-1: do what rank 0 says until it says stop."""
+    while True:
+        command, *args = _broadcast()
+        if command == "update":
+            learner.update(*args)
+        elif command == "state_dict":
+            full_state_dict(learner.policy.model)
+        elif command == "save":
+            rank = learner.rank
+            torch.save(learner.optimizer.state_dict(), Path(args[0]) / f"optimizer.rank{rank}.pt")
+            full_state_dict(learner.policy.model)
+        elif command == "stop":
+            return
+
+
+def init_distributed(rank: int, world: int, port: int, device: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", rank=rank, world_size=world)
+
+
+def _rank_main(rank: int, cfg: TrainConfig, place: dict, port: int) -> None:
+    import torch.distributed as dist
+
+    world = place["trainer_procs"]
+    device = f"cuda:{place['trainer_devices'][rank]}" if place["trainer_devices"] else "cpu"
+    torch.set_num_threads(max(1, torch.get_num_threads() // world))
+    init_distributed(rank, world, port, device)
+    try:
+        if rank == 0:
+            _train(cfg, place, rank, world)
+        else:
+            run = Run(cfg)
+            ckpt, model = run.latest_checkpoint(), None
+            model = str(ckpt / "model") if ckpt is not None else None
+            _, learner = make_learner(cfg, policy_config(cfg, place, model, rank), None, rank, world)
+            if ckpt is not None:
+                learner.optimizer.load_state_dict(torch.load(ckpt / f"optimizer.rank{rank}.pt", weights_only=False))
+            follow(learner)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def train(cfg: TrainConfig) -> Path:
     place = placement(cfg)
-    if len(place["trainer_devices"]) > 1:
-        raise UsageError("the multi-GPU trainer (FSDP2 over several GPUs) is not implemented yet: "
-                         "use --gpus 1 or --gpus 0")
+    if place["trainer_procs"] > 1:  # one process per trainer device, started by torch's own launcher
+        import torch.multiprocessing as mp
+
+        if Path(cfg.model).resolve() == policy_mod.TINY_MODEL_DIR.resolve():
+            policy_mod.build_tiny_model()  # once, here, not by every rank at the same time
+        port = _free_port()
+        mp.spawn(_rank_main, args=(cfg, place, port), nprocs=place["trainer_procs"], join=True)
+        return Path(cfg.run_dir)
+    return _train(cfg, place)
+
+
+def _train(cfg: TrainConfig, place: dict, rank: int = 0, world: int = 1) -> Path:
     run = Run(cfg)
     run.save_config()
     print_placement(place)
@@ -361,9 +502,11 @@ def train(cfg: TrainConfig) -> Path:
         run.truncate_metrics(version)
         print(f"resuming {run.dir} from {ckpt.name} (version {version})")
     store = env.ScreenshotStore()
-    policy, sampler, learner, loop = build(cfg, policy_config(cfg, place, model), store, tasks, version)
+    policy, sampler, learner, loop = build(cfg, policy_config(cfg, place, model, rank), store, tasks, version,
+                                           world=world)
     if ckpt is not None:  # continue exactly where the checkpoint was: optimizer moments, RNGs, task order
-        learner.optimizer.load_state_dict(state["optimizer"])
+        learner.optimizer.load_state_dict(state["optimizer"] if world == 1 else
+                                          torch.load(ckpt / f"optimizer.rank{rank}.pt", weights_only=False))
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         loop.pool.rng.setstate(state["task_rng"])
@@ -391,6 +534,8 @@ def train(cfg: TrainConfig) -> Path:
     finally:
         bar.close()
         loop.timeline.dump(run.dir / "timeline.jsonl")
+        if world > 1:
+            learner.stop()
     print(f"done: version {loop.version}; run directory {run.dir}")
     return run.dir
 

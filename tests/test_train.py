@@ -128,3 +128,39 @@ def test_compare_sync_writes_the_benchmark_json_and_figure(tmp_path):
     assert saved["overlap_efficiency"] == pytest.approx(by["async (full)"]["samples_per_s"] / slower, rel=1e-2)
     assert all(r["trajectories"] == 2 * 2 for r in saved["ablation"])  # same trained work in every variant
     assert set(saved["timelines"]) == {"sync", "async (full)"} and summary["commit"]
+
+
+@pytest.mark.slow
+def test_sharded_update_over_two_gloo_processes_equals_the_single_process_update(tiny_dir, tmp_path):
+    """The FSDP2 path of --gpus N, on CPU: same batch, same start, plain SGD; the gathered weights must match."""
+    import torch
+
+    results = {}
+    for world in (1, 2):
+        out = tmp_path / f"w{world}.pt"
+        r = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_update.py"), str(tiny_dir), str(out),
+                            str(world)], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        results[world] = torch.load(out, weights_only=False)
+    one, two = results[1]["state"], results[2]["state"]
+    start = load("02_policy").Policy(load("02_policy").PolicyConfig(model=str(tiny_dir))).state_dict()
+    assert set(one) == set(two)
+    moved = max((one[k] - start[k]).abs().max().item() for k in one)
+    assert moved > 1e-3  # the update did something
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    for key in ("loss", "tokens", "clip_frac"):
+        assert results[2]["metrics"][key] == pytest.approx(results[1]["metrics"][key], abs=1e-6)
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_training_with_the_trainer_sharded_over_two_processes(tmp_path):
+    run = tmp_path / "run"
+    r = cli("--run-dir", str(run), "--updates", "2", "--checkpoint-every", "2", "--trainer-procs", "2", *SMALL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "FSDP2 over 2 CPU processes (gloo)" in r.stdout
+    assert [row["version"] for row in _rows(run)] == [1, 2]
+    ckpt = run / "checkpoints" / "v0002"
+    assert (ckpt / "optimizer.rank0.pt").is_file() and (ckpt / "optimizer.rank1.pt").is_file()
+    assert (ckpt / "model" / "model.safetensors").is_file()
