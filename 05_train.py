@@ -148,6 +148,8 @@ def resolve(argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:
     if unknown:
         raise UsageError(f"unknown config field(s): {sorted(unknown)}")
     cfg = TrainConfig(**values)
+    if not cfg.run_dir and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("under torchrun every rank must name the same run: pass --run-dir")
     if not cfg.run_dir:
         cfg.run_dir = str(Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{meta['preset'] or 'tiny'}")
     return cfg, argparse.Namespace(**meta)
@@ -199,7 +201,7 @@ def placement(cfg: TrainConfig, gpus: int | None = None) -> dict:
     gpus = torch.cuda.device_count() if (gpus if gpus is not None else cfg.gpus) < 0 else \
         (gpus if gpus is not None else cfg.gpus)
     if gpus == 0:
-        procs = max(1, cfg.trainer_procs)
+        procs = int(os.environ.get("WORLD_SIZE", max(1, cfg.trainer_procs)))  # torchrun decides, if it started us
         return dict(gpus=0, rollout="cpu (transformers generate)", rollout_devices=[], trainer_devices=[],
                     trainer="cpu (fp32)" if procs == 1 else f"FSDP2 over {procs} CPU processes (gloo)",
                     trainer_procs=procs)
@@ -436,30 +438,38 @@ def follow(learner) -> None:
             return
 
 
-def init_distributed(rank: int, world: int, port: int, device: str) -> None:
+def init_distributed(rank: int, world: int, port: int | None, device: str) -> None:
+    """Join the trainer group. Under torchrun the rendezvous is already in the environment; mp.spawn passes a port."""
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if port is not None:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", rank=rank, world_size=world)
 
 
 def _rank_main(rank: int, cfg: TrainConfig, place: dict, port: int) -> None:
+    """mp.spawn's entry: one trainer process on this machine."""
+    _rank(cfg, place, rank, place["trainer_procs"], rank, port)
+
+
+def _rank(cfg: TrainConfig, place: dict, rank: int, world: int, local_rank: int, port: int | None) -> None:
+    """One trainer process. Rank 0 also runs the rollout side and the loop; the others follow."""
     import torch.distributed as dist
 
-    world = place["trainer_procs"]
-    device = f"cuda:{place['trainer_devices'][rank]}" if place["trainer_devices"] else "cpu"
-    torch.set_num_threads(max(1, torch.get_num_threads() // world))
+    devices = place["trainer_devices"]
+    device = f"cuda:{devices[local_rank % len(devices)]}" if devices else "cpu"
+    torch.set_num_threads(max(1, torch.get_num_threads() // max(1, len(devices) or world)))
     init_distributed(rank, world, port, device)
     try:
         if rank == 0:
             _train(cfg, place, rank, world)
         else:
-            run = Run(cfg)
-            ckpt, model = run.latest_checkpoint(), None
+            ckpt = Run(cfg).latest_checkpoint()
             model = str(ckpt / "model") if ckpt is not None else None
-            _, learner = make_learner(cfg, policy_config(cfg, place, model, rank), None, rank, world)
+            _, learner = make_learner(cfg, policy_config(cfg, place, model, local_rank % max(1, len(devices))),
+                                      None, rank, world)
             if ckpt is not None:
                 learner.optimizer.load_state_dict(torch.load(ckpt / f"optimizer.rank{rank}.pt", weights_only=False))
             follow(learner)
@@ -477,6 +487,9 @@ def _free_port() -> int:
 
 def train(cfg: TrainConfig) -> Path:
     place = placement(cfg)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun (one node or several): we are one rank
+        _rank(cfg, place, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]), None)
+        return Path(cfg.run_dir)
     if place["trainer_procs"] > 1:  # one process per trainer device, started by torch's own launcher
         import torch.multiprocessing as mp
 

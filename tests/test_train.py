@@ -155,9 +155,17 @@ def test_sharded_update_over_two_gloo_processes_equals_the_single_process_update
 
 @pytest.mark.browser
 @pytest.mark.slow
-def test_training_with_the_trainer_sharded_over_two_processes(tmp_path):
+@pytest.mark.parametrize("launcher", ["spawn", "torchrun"])
+def test_training_with_the_trainer_sharded_over_two_processes(tmp_path, launcher):
+    """--trainer-procs 2 (the script spawns its ranks) and torchrun (the multi-node launcher, here one node)."""
     run = tmp_path / "run"
-    r = cli("--run-dir", str(run), "--updates", "2", "--checkpoint-every", "2", "--trainer-procs", "2", *SMALL)
+    args = ["--run-dir", str(run), "--updates", "2", "--checkpoint-every", "2", *SMALL]
+    if launcher == "spawn":
+        r = cli(*args, "--trainer-procs", "2")
+    else:
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            str(ROOT / "05_train.py"), *args], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "FSDP2 over 2 CPU processes (gloo)" in r.stdout
     assert [row["version"] for row in _rows(run)] == [1, 2]
