@@ -51,6 +51,8 @@ class TrainConfig:
     checkpoint_every: int = opt(4, "save a checkpoint every this many updates (and at the end)")
     keep_checkpoints: int = opt(2, "checkpoints kept on disk (older ones are deleted)")
     log_trajectories: int = opt(2, "trajectories saved with their screenshots per update, for inspection")
+    tensorboard: bool = opt(False, "also log scalars to RUN_DIR/tensorboard (needs `pip install tensorboard`)")
+    wandb_project: str = opt("", "also log to this Weights & Biases project (needs `pip install wandb`)")
     # tasks
     task_file: str = opt("", "a WebGym task file (JSONL or JSON list) instead of MiniWoB++")
     tasks: str = opt(TINY_TASKS, "comma-separated MiniWoB++ task names; 'all' = every task of --split")
@@ -116,6 +118,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-sync", action="store_true",
                    help="throughput benchmark: sync, async with a drained pool, async with screenshots by value,\n"
                         "full async, rollout alone and training alone, same config; writes figures/throughput.*")
+    p.add_argument("--repeats", type=int, help="--compare-sync: repeats of every variant (medians; default 1)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} (default: {f.default!r})"
@@ -129,7 +132,7 @@ def parser() -> argparse.ArgumentParser:
 
 def resolve(argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:
     args = vars(parser().parse_args(argv))
-    meta = {k: args.pop(k, None) for k in ("preset", "config", "resume", "dry_run", "compare_sync")}
+    meta = {k: args.pop(k, None) for k in ("preset", "config", "resume", "dry_run", "compare_sync", "repeats")}
     values: dict = {}
     if meta["resume"]:  # the resumed run's own config, then whatever the command line changes (e.g. --updates)
         saved = Path(meta["resume"]) / "config.json"
@@ -173,6 +176,12 @@ def check(cfg: TrainConfig, dry_run: bool = False) -> None:
     if not dry_run and not model.exists() and model.resolve() != policy_mod.TINY_MODEL_DIR.resolve():
         if cfg.model.startswith((".", "/", "~")) or os.environ.get("HF_HUB_OFFLINE") == "1" or model.suffix:
             raise UsageError(f"--model {cfg.model}: no such directory (and not a hub name that can be fetched)")
+    import importlib.util
+
+    for flag, wanted, package in (("--tensorboard", cfg.tensorboard, "tensorboard"),
+                                  ("--wandb-project", cfg.wandb_project, "wandb")):
+        if wanted and importlib.util.find_spec(package) is None:
+            raise UsageError(f"{flag} needs `pip install {package}`")
     visible = torch.cuda.device_count()
     if cfg.gpus > visible and not dry_run:
         raise UsageError(f"--gpus {cfg.gpus}: this machine has {visible} GPU(s)")
@@ -293,6 +302,29 @@ class Run:
         old = sorted(p for p in (self.dir / "checkpoints").glob("v*") if p.is_dir() and p.suffix != ".tmp")
         for stale in old[:-self.cfg.keep_checkpoints]:
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def extra_loggers(cfg: TrainConfig, run_dir: Path) -> list:
+    """Optional TensorBoard / wandb sinks for the scalar metrics; metrics.jsonl is always written."""
+    sinks = []
+    if cfg.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UsageError("--tensorboard needs `pip install tensorboard`")
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
+        sinks.append(lambda row: [writer.add_scalar(k, v, row["version"]) for k, v in row.items()
+                                  if isinstance(v, (int, float))] and writer.flush())
+    if cfg.wandb_project:
+        try:
+            import wandb
+        except ImportError:
+            raise UsageError("--wandb-project needs `pip install wandb`")
+        wandb.init(project=cfg.wandb_project, dir=str(run_dir), config=dataclasses.asdict(cfg), resume="allow",
+                   id=run_dir.name)
+        sinks.append(lambda row: wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))},
+                                           step=row["version"]))
+    return sinks
 
 
 def _parse_row(line: str) -> dict:
@@ -528,12 +560,15 @@ def _train(cfg: TrainConfig, place: dict, rank: int = 0, world: int = 1) -> Path
     if version >= cfg.updates:
         print(f"nothing to do: version {version} >= --updates {cfg.updates}")
         return run.dir
+    sinks = extra_loggers(cfg, run.dir)
     bar = progress_bar(cfg, version)
 
     def on_update(m: dict, groups) -> None:
         row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in m.items()}
         row["utilisation"] = loop.timeline.utilisation()
         run.log_metrics(row)
+        for sink in sinks:
+            sink(row)
         run.log_trajectories(groups, store, m["version"])
         if m["version"] % cfg.checkpoint_every == 0 or m["version"] == cfg.updates:
             run.save_checkpoint(policy, learner, loop.pool, m["version"])
@@ -607,36 +642,52 @@ def _timed_run(cfg, pcfg, tasks, name, keep_batch=False, no_training=False, **ov
                 spans=spans), kept.get("groups"), learner
 
 
-def compare_sync(cfg: TrainConfig, out: Path = ROOT / "figures") -> dict:
+def compare_sync(cfg: TrainConfig, out: Path = ROOT / "figures", repeats: int = 1) -> dict:
+    """Each repeat runs every variant once, one after the other (side by side in time, so they share the
+    machine's state); the table takes each variant's median run, the speed-up the median of paired ratios."""
+    import statistics
+
     place = placement(cfg)
     tasks, pcfg = load_tasks(cfg), policy_config(cfg, place)
-    results, batch, learner = [], None, None
-    for name, overrides in VARIANTS:
-        r, groups, lrn = _timed_run(cfg, pcfg, tasks, name, keep_batch=name == "async (full)", **overrides)
-        results.append(r)
-        if groups is not None:
-            batch, learner = groups, lrn
-    rollout, _, _ = _timed_run(cfg, pcfg, tasks, "rollout only", no_training=True, mode="async")
-    times = []
-    for _ in range(3):  # train-only: the last async batch, again, on the trained weights
-        t0 = time.perf_counter()
-        learner.update(batch)
-        times.append(time.perf_counter() - t0)
-    samples = sum(len(t.steps) for g in batch for t in g.trajectories)
-    train_sps = samples / sorted(times)[1]
+    runs = {name: [] for name, _ in VARIANTS + [("rollout only", {})]}
+    train_sps = []
+    for rep in range(repeats):
+        print(f"repeat {rep + 1}/{repeats}", flush=True)
+        for name, overrides in VARIANTS:
+            r, groups, lrn = _timed_run(cfg, pcfg, tasks, name, keep_batch=name == "async (full)", **overrides)
+            runs[name].append(r)
+            if groups is not None:
+                batch, learner = groups, lrn
+        runs["rollout only"].append(_timed_run(cfg, pcfg, tasks, "rollout only", no_training=True,
+                                               mode="async")[0])
+        times = []
+        for _ in range(3):  # train-only: the last async batch, again, on the trained weights
+            t0 = time.perf_counter()
+            learner.update(batch)
+            times.append(time.perf_counter() - t0)
+        train_sps.append(sum(len(t.steps) for g in batch for t in g.trajectories) / statistics.median(times))
+
+    def median_run(rs):
+        return sorted(rs, key=lambda r: r["samples_per_s"])[len(rs) // 2]
+
+    results = [median_run(runs[name]) for name, _ in VARIANTS]
+    for r in results:
+        r["samples_per_s_runs"] = [x["samples_per_s"] for x in runs[r["name"]]]
     by = {r["name"]: r for r in results}
-    slower = min(rollout["samples_per_s"], train_sps)
+    rollout_sps, train_sps = median_run(runs["rollout only"])["samples_per_s"], statistics.median(train_sps)
+    speedup = statistics.median(a["samples_per_s"] / b["samples_per_s"]
+                                for a, b in zip(runs["async (full)"], runs["sync"]))
     summary = dict(
         machine=f"{place['rollout']} / {place['trainer']}, {torch.get_num_threads()} torch threads",
         config={k: getattr(cfg, k) for k in ("updates", "workers", "group_size", "batch_groups", "max_steps",
                                                "tasks", "max_staleness", "dynamic_sampling")},
-        commit=_git_commit(),
-        speedup_async_over_sync=round(by["async (full)"]["samples_per_s"] / by["sync"]["samples_per_s"], 3),
-        rollout_only_samples_per_s=rollout["samples_per_s"], train_only_samples_per_s=round(train_sps, 4),
-        overlap_efficiency=round(by["async (full)"]["samples_per_s"] / slower, 3),
+        commit=_git_commit(), repeats=repeats,
+        speedup_async_over_sync=round(speedup, 3),
+        rollout_only_samples_per_s=rollout_sps, train_only_samples_per_s=round(train_sps, 4),
+        overlap_efficiency=round(by["async (full)"]["samples_per_s"] / min(rollout_sps, train_sps), 3),
         ablation=[{k: r[k] for k in ("name", "wall_s", "samples", "trajectories", "samples_per_s",
-                                     "end_to_end_samples_per_s", "trajectories_per_s", "utilisation",
-                                     "dropped_stale")} for r in results],
+                                     "samples_per_s_runs", "end_to_end_samples_per_s", "trajectories_per_s",
+                                     "utilisation", "dropped_stale")} for r in results],
         timelines={r["name"]: r["spans"] for r in results if r["name"] in ("sync", "async (full)")})
     out.mkdir(parents=True, exist_ok=True)
     (out / "throughput.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -669,8 +720,9 @@ def throughput_figure(summary: dict, path: Path) -> None:
     bars.axvline(summary["rollout_only_samples_per_s"], color="k", ls=":", label="rollout alone")
     bars.axvline(summary["train_only_samples_per_s"], color="r", ls="--", label="training alone")
     bars.set_xlabel("trained samples (replies) per second, steady state (after the first update)")
-    bars.set_title(f"Throughput: async {summary['speedup_async_over_sync']:.2f}x sync, "
-                   f"overlap efficiency {summary['overlap_efficiency']:.2f}")
+    bars.set_title(f"Throughput: async {summary['speedup_async_over_sync']:.2f}x sync, overlap efficiency "
+                   f"{summary['overlap_efficiency']:.2f}\n(median of {summary['repeats']} run(s) per variant)",
+                   fontsize=10)
     bars.legend(fontsize=8)
     comps = ["env", "inference", "trainer"]
     width = 0.8 / len(rows)
@@ -713,7 +765,7 @@ def main(argv=None) -> int:
             print(json.dumps(dataclasses.asdict(cfg), indent=2))
             return 0
         if meta.compare_sync:
-            compare_sync(cfg)
+            compare_sync(cfg, repeats=meta.repeats or 1)
             return 0
         train(cfg)
     except UsageError as e:

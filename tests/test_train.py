@@ -172,3 +172,14 @@ def test_training_with_the_trainer_sharded_over_two_processes(tmp_path, launcher
     ckpt = run / "checkpoints" / "v0002"
     assert (ckpt / "optimizer.rank0.pt").is_file() and (ckpt / "optimizer.rank1.pt").is_file()
     assert (ckpt / "model" / "model.safetensors").is_file()
+
+
+def test_optional_loggers_that_are_not_installed_are_a_clear_error(tmp_path, capsys):
+    try:
+        import tensorboard  # noqa: F401
+        pytest.skip("tensorboard is installed here")
+    except ImportError:
+        pass
+    assert train.main(["--tensorboard", "--run-dir", str(tmp_path / "r"), "--updates", "1", *SMALL]) == 2
+    assert "--tensorboard needs `pip install tensorboard`" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before anything started
