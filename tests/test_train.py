@@ -116,11 +116,13 @@ def test_killed_run_resumes_without_duplicates_or_more_loss_than_the_checkpoint_
 @pytest.mark.browser
 @pytest.mark.slow
 def test_compare_sync_writes_the_benchmark_json_and_figure(tmp_path):
+    from asyncwebrl import throughput_bench as bench
+
     cfg, _ = train.resolve(["--updates", "2", *SMALL, "--max-steps", "2", "--workers", "2"])
-    summary = train.compare_sync(cfg, out=tmp_path)
+    summary = bench.compare_sync(cfg, out=tmp_path)
     saved = json.loads((tmp_path / "throughput.json").read_text())
     assert (tmp_path / "throughput.png").stat().st_size > 10_000
-    assert [r["name"] for r in saved["ablation"]] == [name for name, _ in train.VARIANTS]
+    assert [r["name"] for r in saved["ablation"]] == [name for name, _ in bench.VARIANTS]
     by = {r["name"]: r for r in saved["ablation"]}
     assert saved["speedup_async_over_sync"] == pytest.approx(
         by["async (full)"]["samples_per_s"] / by["sync"]["samples_per_s"], rel=1e-2)

@@ -1,0 +1,184 @@
+"""Throughput benchmark (`python 05_train.py --compare-sync`): sync against async, with the paper's two system
+adaptations ablated, rollout alone and training alone, measured one after the other on this machine.
+
+Every variant starts from the same weights, the same tasks and the same seed, and runs the same number of updates
+(B x G trajectories each). Writes figures/throughput.json and figures/throughput.png.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from asyncwebrl import ROOT, load
+
+env = load("01_env")
+loop_mod = load("04_async_loop")
+train = load("05_train")
+build, load_tasks, placement, policy_config = train.build, train.load_tasks, train.placement, train.policy_config
+_git_commit, TrainConfig = train._git_commit, train.TrainConfig
+
+
+VARIANTS = [("sync", dict(mode="sync")), ("async, drained pool", dict(mode="async", drain=True)),
+            ("async, screenshots by value", dict(mode="async", screenshots_by_value=True)),
+            ("async (full)", dict(mode="async"))]
+
+
+class _NoTraining:
+    """Rollout-only stage: a learner that takes no time (the refresh still reloads the same weights)."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def update(self, groups):
+        return {}
+
+    def state_dict(self):
+        return self.policy.state_dict()
+
+
+def _timed_run(cfg, pcfg, tasks, name, keep_batch=False, no_training=False, **overrides) -> dict:
+    store = env.ScreenshotStore()
+    torch.manual_seed(cfg.seed)
+    policy, sampler, learner, loop = build(cfg, pcfg, store, tasks, **overrides)
+    if no_training:
+        loop.learner = _NoTraining(policy)
+    kept = {}
+
+    def on_update(m, groups):
+        print(f"  [{name}] update {m['version']}/{cfg.updates}: {m['samples']} samples, "
+              f"{m['update_s']:.1f}s", flush=True)
+        if keep_batch:  # for the train-only measurement: this batch, with its screenshots' bytes
+            kept["groups"] = [loop_mod.by_value(g, store) for g in groups]
+
+    loop.on_update = on_update
+    t0 = time.perf_counter()
+    loop.run()
+    wall = time.perf_counter() - t0
+    samples = sum(m["samples"] for m in loop.history)
+    # steady state: from the end of the first update to the end of the last, so that start-up (chromium, first
+    # pages, first model calls) does not decide the comparison; end-to-end numbers are kept beside it
+    h = loop.history
+    steady = sum(m["samples"] for m in h[1:]) / (h[-1]["time_s"] - h[0]["time_s"]) if len(h) > 1 else float("nan")
+    spans = [dict(component=c, kind=k, start=round(a, 3), end=round(b, 3)) for c, k, a, b, _ in loop.timeline.spans]
+    return dict(name=name, wall_s=round(wall, 2), updates=len(loop.history), samples=samples,
+                trajectories=loop.stats.trained, samples_per_s=round(steady, 4),
+                end_to_end_samples_per_s=round(samples / wall, 4),
+                trajectories_per_s=round(loop.stats.trained / wall, 4),
+                utilisation=loop.timeline.utilisation(wall), dropped_stale=loop.stats.dropped_stale,
+                spans=spans), kept.get("groups"), learner
+
+
+def compare_sync(cfg: TrainConfig, out: Path = ROOT / "figures", repeats: int = 1) -> dict:
+    """Each repeat runs every variant once, one after the other (side by side in time, so they share the
+    machine's state); the table takes each variant's median run, the speed-up the median of paired ratios."""
+    import statistics
+
+    place = placement(cfg)
+    tasks, pcfg = load_tasks(cfg), policy_config(cfg, place)
+    runs = {name: [] for name, _ in VARIANTS + [("rollout only", {})]}
+    train_sps = []
+    for rep in range(repeats):
+        print(f"repeat {rep + 1}/{repeats}", flush=True)
+        for name, overrides in VARIANTS:
+            r, groups, lrn = _timed_run(cfg, pcfg, tasks, name, keep_batch=name == "async (full)", **overrides)
+            runs[name].append(r)
+            if groups is not None:
+                batch, learner = groups, lrn
+        runs["rollout only"].append(_timed_run(cfg, pcfg, tasks, "rollout only", no_training=True,
+                                               mode="async")[0])
+        times = []
+        for _ in range(3):  # train-only: the last async batch, again, on the trained weights
+            t0 = time.perf_counter()
+            learner.update(batch)
+            times.append(time.perf_counter() - t0)
+        train_sps.append(sum(len(t.steps) for g in batch for t in g.trajectories) / statistics.median(times))
+
+    def median_run(rs):
+        return sorted(rs, key=lambda r: r["samples_per_s"])[len(rs) // 2]
+
+    results = [median_run(runs[name]) for name, _ in VARIANTS]
+    for r in results:
+        r["samples_per_s_runs"] = [x["samples_per_s"] for x in runs[r["name"]]]
+    by = {r["name"]: r for r in results}
+    rollout_sps, train_sps = median_run(runs["rollout only"])["samples_per_s"], statistics.median(train_sps)
+    speedup = statistics.median(a["samples_per_s"] / b["samples_per_s"]
+                                for a, b in zip(runs["async (full)"], runs["sync"]))
+    summary = dict(
+        machine=f"{place['rollout']} / {place['trainer']}, {torch.get_num_threads()} torch threads",
+        config={k: getattr(cfg, k) for k in ("updates", "workers", "group_size", "batch_groups", "max_steps",
+                                               "tasks", "max_staleness", "dynamic_sampling")},
+        commit=_git_commit(), repeats=repeats,
+        speedup_async_over_sync=round(speedup, 3),
+        rollout_only_samples_per_s=rollout_sps, train_only_samples_per_s=round(train_sps, 4),
+        overlap_efficiency=round(by["async (full)"]["samples_per_s"] / min(rollout_sps, train_sps), 3),
+        ablation=[{k: r[k] for k in ("name", "wall_s", "samples", "trajectories", "samples_per_s",
+                                     "samples_per_s_runs", "end_to_end_samples_per_s", "trajectories_per_s",
+                                     "utilisation", "dropped_stale")} for r in results],
+        timelines={r["name"]: r["spans"] for r in results if r["name"] in ("sync", "async (full)")})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "throughput.json").write_text(json.dumps(summary, indent=1) + "\n")
+    throughput_figure(summary, out / "throughput.png")
+    print(f"\n{'variant':30s} {'samples/s':>10s} {'end-to-end':>11s} {'traj/s':>8s} {'vs sync':>8s}  utilisation")
+    for r in summary["ablation"]:
+        print(f"{r['name']:30s} {r['samples_per_s']:10.3f} {r['end_to_end_samples_per_s']:11.3f} "
+              f"{r['trajectories_per_s']:8.3f} {r['samples_per_s'] / by['sync']['samples_per_s']:7.2f}x  "
+              f"{r['utilisation']}")
+    print(f"rollout only {summary['rollout_only_samples_per_s']:.3f} samples/s, train only "
+          f"{summary['train_only_samples_per_s']:.3f} samples/s; overlap efficiency "
+          f"{summary['overlap_efficiency']:.2f} (1.0 = the slower stage never waits)")
+    print(f"wrote {out / 'throughput.json'} and {out / 'throughput.png'}")
+    return summary
+
+
+def throughput_figure(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(13, 8))
+    grid = fig.add_gridspec(2, 2, height_ratios=[1, 1.2])
+    bars, util = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
+    rows = summary["ablation"]
+    names = [r["name"] for r in rows]
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red"]  # the same colour per variant in both panels
+    bars.barh(names, [r["samples_per_s"] for r in rows], color=palette)
+    bars.axvline(summary["rollout_only_samples_per_s"], color="k", ls=":", label="rollout alone")
+    bars.axvline(summary["train_only_samples_per_s"], color="r", ls="--", label="training alone")
+    bars.set_xlabel("trained samples (replies) per second, steady state (after the first update)")
+    bars.set_title(f"Throughput: async {summary['speedup_async_over_sync']:.2f}x sync, overlap efficiency "
+                   f"{summary['overlap_efficiency']:.2f}\n(median of {summary['repeats']} run(s) per variant)",
+                   fontsize=10)
+    bars.legend(fontsize=8)
+    comps = ["env", "inference", "trainer"]
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        util.bar([c + i * width for c in range(len(comps))], [r["utilisation"].get(c, 0) for c in comps], width,
+                 label=r["name"], color=palette[i])
+    util.set_xticks([c + 0.4 - width / 2 for c in range(len(comps))], ["env workers (mean)", "inference", "trainer"])
+    util.set_ylabel("busy fraction of wall-clock")
+    util.set_ylim(0, 1)
+    util.set_title("Utilisation per component")
+    util.legend(fontsize=7)
+    colors = {"step": "tab:green", "reset": "tab:olive", "sample": "tab:blue", "train": "tab:red",
+              "refresh": "k", "drain": "tab:orange"}
+    for col, name in enumerate(("sync", "async (full)")):
+        ax = fig.add_subplot(grid[1, col])
+        spans = summary["timelines"][name]
+        lanes = sorted({s["component"] for s in spans}, key=lambda c: (not c.startswith("env"), c))
+        for s in spans:
+            if s["kind"] in colors:
+                ax.barh(lanes.index(s["component"]), s["end"] - s["start"], left=s["start"],
+                        color=colors[s["kind"]], height=0.7)
+        ax.set_yticks(range(len(lanes)), lanes, fontsize=7)
+        ax.set_xlabel("seconds")
+        ax.set_title(f"Timeline, {name}")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+    fig.legend(handles, list(colors), loc="lower center", ncol=len(colors), fontsize=8)
+    fig.suptitle(f"asyncwebrl throughput benchmark (commit {summary['commit']}; {summary['machine']})", fontsize=9)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
