@@ -46,6 +46,9 @@ class Task:
 
 
 HORIZON = {"easy": 10, "medium": 20, "hard": 30}  # paper's training horizons; k = 10 is the Easy one
+# MiniWoB++ pages draw each instance from a seed. Training draws seeds below TRAIN_SEEDS; evaluation uses seeds from
+# TRAIN_SEEDS upward, so "held-out episodes" of a training task are instances never trained on.
+TRAIN_SEEDS = 2**30
 
 try:
     import miniwob

@@ -394,10 +394,10 @@ class ActionGrammar:
         out = torch.zeros(len(tokens), self.vocab_size, dtype=torch.bool)
         for t, tok in enumerate(tokens):
             out[t, torch.from_numpy(self.allowed(n_marks, state, t))] = True
+            if not out[t, tok]:  # outside the grammar, or past a budget (memory line, whole reply)
+                raise ValueError(f"reply token {t} ({tok}) is not one the constrained sampler could write there: "
+                                 f"constrained log-probs are only defined for such replies")
             if tok != self.eos:
-                if tok not in self.automaton(n_marks)[1].get(state, {}):
-                    raise ValueError(f"reply token {t} ({tok}) is outside the reply grammar: constrained log-probs "
-                                     f"are only defined for replies the constrained sampler could write")
                 state = self.step(n_marks, state, tok)
         return out
 
@@ -479,6 +479,17 @@ class Policy(_Prompter):
 
     def state_dict(self) -> dict:
         return {k: v.detach() for k, v in self.model.state_dict().items()}
+
+    def save(self, folder: str | Path, state_dict: dict | None = None) -> Path:
+        """A model directory that `load_model` (and from_pretrained) reads back: weights, tokenizer, image processor,
+        and the tiny model's marker (so a checkpoint of it keeps constrained decoding on by default)."""
+        folder = Path(folder)
+        self.model.save_pretrained(folder, state_dict=state_dict)
+        self.tokenizer.save_pretrained(folder)
+        self.image_processor.save_pretrained(folder)
+        if is_tiny(self.cfg.model):
+            (folder / "asyncwebrl-tiny").write_text("tiny model checkpoint\n")
+        return folder
 
 
 # ----------------------------------------------------------------------------------------------------------------

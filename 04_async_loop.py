@@ -277,7 +277,7 @@ class RolloutPool:
             if self.slots and (self.slots[0][2] > 0 or self._admit()):  # a retried slot was already admitted
                 return self.slots.popleft()
             if not self.slots and self._admit():
-                group = Group(next(self.group_ids), self._next_task(), self.rng.randrange(2**31))
+                group = Group(next(self.group_ids), self._next_task(), self.rng.randrange(env.TRAIN_SEEDS))
                 self.open[group.id] = group
                 # the G slots of a group are handed out one after another, so its episodes run side by side
                 # and the group completes as soon as its slowest member does
@@ -570,6 +570,18 @@ class Learner:
 # The loop: the rollout thread, the trainer thread, and the main thread that watches them.
 
 
+def rollout_metrics(trajs: list[Trajectory]) -> dict:
+    """Every trajectory finished since the last update, rejected groups included: the honest learning curve (the
+    trained batch is biased towards 50% success, since dynamic sampling keeps only groups with mixed rewards)."""
+    ok, bad = [t for t in trajs if t.reward > 0], [t for t in trajs if t.reward <= 0]
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    return dict(rollout_trajectories=len(trajs), rollout_success=mean([t.reward > 0 for t in trajs]),
+                rollout_steps=mean([len(t.steps) for t in trajs]),
+                rollout_steps_success=mean([len(t.steps) for t in ok]),
+                rollout_steps_failure=mean([len(t.steps) for t in bad]),
+                rollout_tokens_per_step=mean([len(s.sample.token_ids) for t in trajs for s in t.steps]))
+
+
 def batch_metrics(groups: list[Group], version: int) -> dict:
     trajs = [t for g in groups for t in g.trajectories]
     steps = [s for t in trajs for s in t.steps]
@@ -623,7 +635,7 @@ class Loop:
 
     def _trainer(self):
         try:
-            t_last = time.perf_counter()
+            t_last, seen = time.perf_counter(), len(self.pool.trajectory_log)
             while self.version < self.cfg.updates and not self.stop.is_set():
                 groups = self._take_fresh_groups()
                 if groups is None:
@@ -647,7 +659,9 @@ class Loop:
                 now = time.perf_counter()
                 metrics.update(version=self.version, update_s=now - t_last, time_s=now - self.timeline.t0,
                                samples_per_s=metrics["samples"] / (now - t_last), **self.stats.__dict__)
-                t_last = now
+                finished = self.pool.trajectory_log[seen:]  # the rollout thread only appends
+                metrics.update(rollout_metrics(finished))
+                t_last, seen = now, seen + len(finished)
                 self.history.append(metrics)
                 self.on_update(metrics, groups)  # logging, checkpoints: screenshots are still in the store
                 for g in groups:

@@ -4,6 +4,7 @@
     python 05_train.py --preset paper --gpus 8 --model Qwen/Qwen3-VL-8B-Instruct
     python 05_train.py --resume runs/<run>   continue from the run's latest checkpoint
     python 05_train.py --dry-run --gpus 8    print the placement and the resolved config, then exit
+    python 05_train.py --preset tiny-learn   warm start (behaviour cloning on scripted demonstrations), then RL
 
 Configuration is one dataclass (TrainConfig): defaults < --preset < --config FILE (JSON) < command-line flags. The
 resolved config is saved in the run directory, which also receives:
@@ -11,6 +12,7 @@ resolved config is saved in the run directory, which also receives:
     timeline.jsonl         every component's timed spans (env steps, inference, train, refresh, idle)
     trajectories/v<N>/     a few trained trajectories per update: replies, actions and their screenshots
     checkpoints/v<N>/      model (loadable with from_pretrained), optimizer, RNG and task-sampler state
+    warmstart/             with --warmstart-steps: the cloned model (version 0), its loss log and data stats
 """
 from __future__ import annotations
 
@@ -40,6 +42,10 @@ def opt(default, help: str):
 
 
 TINY_TASKS = "click-button,click-link,click-dialog,click-test-2,focus-text,click-tab"
+# tiny-learn: train tasks a random agent often fails (so a group's rewards differ and GRPO has a signal), each with a
+# scripted solver for the warm start; one to three actions, so a 5M-parameter model can learn them on 2 cores.
+# (enter-text was tried and left out: copying a string was not learnt in the warm start's few minutes.)
+LEARN_TASKS = "click-button,click-link,click-tab,click-dialog-2,focus-text-2,click-button-sequence,click-collapsible"
 
 
 @dataclass
@@ -47,7 +53,7 @@ class TrainConfig:
     # run
     run_dir: str = opt("", "run directory (default: runs/<date>-<time>-<preset>)")
     seed: int = opt(0, "seed of the task sampler, the sampler and the weights' updates")
-    updates: int = opt(8, "train until this policy version (a resumed run continues the count)")
+    updates: int = opt(8, "train until this policy version (a resumed run continues the count); 0 = warm start only")
     checkpoint_every: int = opt(4, "save a checkpoint every this many updates (and at the end)")
     keep_checkpoints: int = opt(2, "checkpoints kept on disk (older ones are deleted)")
     log_trajectories: int = opt(2, "trajectories saved with their screenshots per update, for inspection")
@@ -58,6 +64,9 @@ class TrainConfig:
     tasks: str = opt(TINY_TASKS, "comma-separated MiniWoB++ task names; 'all' = every task of --split")
     split: str = opt("train", "task split to train on: train | test")
     max_steps: int = opt(0, "episode horizon; 0 = the task's own (10 / 20 / 30 for easy / medium / hard)")
+    # warm start (stands in for pretraining: behaviour cloning on scripted demonstrations, asyncwebrl/warmstart.py)
+    warmstart_steps: int = opt(0, "behaviour-cloning steps before RL; 0 = none (RL from the --model weights)")
+    warmstart_episodes: int = opt(160, "scripted demonstration episodes played for the warm start")
     # policy
     model: str = opt(str(policy_mod.TINY_MODEL_DIR), "model path or hub name (the tiny model is built if absent)")
     engine: str = opt("auto", "rollout engine: hf (transformers generate) | vllm | auto (vllm on GPU if installed)")
@@ -94,6 +103,11 @@ class TrainConfig:
 
 PRESETS = {
     "tiny": {},  # the dataclass defaults: a laptop CPU, a few minutes
+    # issue 8's recipe: warm start (behaviour cloning) then RL on tasks a tiny model can learn on 2 cores
+    # horizon 4 = about twice the optimal 1-3 steps (the paper: k = 10 for ~5-step successes), k = the horizon
+    "tiny-learn": dict(tasks=LEARN_TASKS, warmstart_steps=60, warmstart_episodes=160, max_steps=4, k=4.0,
+                       batch_groups=4, epochs=2, minibatches=2, lr=1e-4, updates=24, checkpoint_every=8,
+                       keep_checkpoints=4),
     "paper": dict(model=policy_mod.PAPER_MODEL, engine="vllm", tasks="all", group_size=8, batch_groups=16,
                   epochs=3, minibatches=2, lr=5e-6, images=2, max_new_tokens=512, constrained="off", workers=128,
                   updates=300, checkpoint_every=10, micro_batch=4),
@@ -111,7 +125,8 @@ class UsageError(Exception):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter,
                                 argument_default=argparse.SUPPRESS)  # only flags actually given reach the config
-    p.add_argument("--preset", choices=sorted(PRESETS), help="starting point: tiny (CPU default) | paper")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="starting point: tiny (CPU default) | tiny-learn (warm start + RL that learns on a CPU) | paper")
     p.add_argument("--config", metavar="FILE", help="JSON file of TrainConfig fields")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest checkpoint")
     p.add_argument("--dry-run", action="store_true", help="print the placement and the config, then exit")
@@ -166,7 +181,9 @@ def check(cfg: TrainConfig, dry_run: bool = False) -> None:
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise UsageError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
-    for name in ("updates", "workers", "group_size", "batch_groups", "checkpoint_every", "epochs", "minibatches",
+    if cfg.updates < 0 or (cfg.updates == 0 and cfg.warmstart_steps <= 0):
+        raise UsageError("--updates must be at least 1 (0 only with --warmstart-steps: a warm start alone)")
+    for name in ("workers", "group_size", "batch_groups", "checkpoint_every", "epochs", "minibatches",
                  "micro_batch", "max_new_tokens"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
@@ -185,7 +202,13 @@ def check(cfg: TrainConfig, dry_run: bool = False) -> None:
     visible = torch.cuda.device_count()
     if cfg.gpus > visible and not dry_run:
         raise UsageError(f"--gpus {cfg.gpus}: this machine has {visible} GPU(s)")
-    load_tasks(cfg)
+    tasks = load_tasks(cfg)
+    if cfg.warmstart_steps > 0:
+        from asyncwebrl.oracle import SOLVABLE
+
+        if not any(t.id.split("/")[-1] in SOLVABLE for t in tasks):
+            raise UsageError(f"--warmstart-steps: no task with a scripted solver among --tasks (solvers exist for: "
+                             f"{', '.join(SOLVABLE)})")
 
 
 def load_tasks(cfg: TrainConfig) -> list:
@@ -282,14 +305,8 @@ class Run:
         tmp = folder.with_suffix(".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        if isinstance(learner, ShardedLearner):  # every rank writes its optimizer shard; the model is gathered
-            policy.model.save_pretrained(tmp / "model", state_dict=learner.save(tmp))
-        else:
-            policy.model.save_pretrained(tmp / "model")
-        policy.tokenizer.save_pretrained(tmp / "model")
-        policy.image_processor.save_pretrained(tmp / "model")
-        if policy_mod.is_tiny(policy.cfg.model):
-            (tmp / "model" / "asyncwebrl-tiny").write_text("tiny model checkpoint\n")
+        # every rank writes its optimizer shard; the model is gathered
+        policy.save(tmp / "model", learner.save(tmp) if isinstance(learner, ShardedLearner) else None)
         torch.save(dict(version=version, torch_rng=torch.get_rng_state(),
                         optimizer=None if isinstance(learner, ShardedLearner) else learner.optimizer.state_dict(),
                         python_rng=random.getstate(), task_rng=pool.rng.getstate(),
@@ -517,7 +534,47 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def warm_start(cfg: TrainConfig) -> TrainConfig:
+    """Behaviour cloning on scripted demonstrations before RL; its model (RUN_DIR/warmstart/model) is the run's
+    version 0, and the config from here on points at it. Done once: a resumed run finds it on disk."""
+    folder = Path(cfg.run_dir) / "warmstart" / "model"
+    if not (folder / "config.json").is_file():
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError("under torchrun, warm-start first in one process (--warmstart-steps N --updates 0), "
+                             "then pass --model RUN_DIR/warmstart/model")
+        from asyncwebrl.warmstart import WarmstartConfig, clone, collect
+
+        wcfg = WarmstartConfig(steps=cfg.warmstart_steps, episodes=cfg.warmstart_episodes, workers=cfg.workers,
+                               seed=cfg.seed)
+        print(f"warm start: {wcfg.episodes} scripted demonstration episodes, then {wcfg.steps} behaviour-cloning "
+              f"steps of {wcfg.batch} replies")
+        torch.manual_seed(cfg.seed)
+        policy, store = policy_mod.Policy(policy_config(cfg, placement(cfg))), env.ScreenshotStore()
+        try:
+            demos, stats = collect(policy, load_tasks(cfg), wcfg, store)
+        except (ValueError, RuntimeError) as e:
+            raise UsageError(str(e))
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with open(folder.parent / "log.jsonl", "w") as log:
+            losses = clone(policy, demos, store, wcfg, log=lambda row: log.write(json.dumps(row) + "\n"))
+        tmp = folder.with_suffix(".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy.save(tmp)
+        os.replace(tmp, folder)
+        stats.update(loss_first=losses[0], loss_last=losses[-1], steps=wcfg.steps, batch=wcfg.batch, lr=wcfg.lr,
+                     verbose_fraction=wcfg.verbose)
+        (folder.parent / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+        print(f"warm start: {stats['demo_steps']} demonstration steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}; "
+              f"saved {folder}")
+    return dataclasses.replace(cfg, model=str(folder))
+
+
 def train(cfg: TrainConfig) -> Path:
+    if cfg.warmstart_steps > 0:
+        cfg = warm_start(cfg)
+        if cfg.updates == 0:
+            Run(cfg).save_config()
+            return Path(cfg.run_dir)
     place = placement(cfg)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun (one node or several): we are one rank
         _rank(cfg, place, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]), None)

@@ -150,7 +150,7 @@ def throughput_figure(summary: dict, path: Path) -> None:
     bars.axvline(summary["train_only_samples_per_s"], color="r", ls="--", label="training alone")
     bars.set_xlabel("trained samples (replies) per second, steady state (after the first update)")
     bars.set_title(f"Throughput: async {summary['speedup_async_over_sync']:.2f}x sync, overlap efficiency "
-                   f"{summary['overlap_efficiency']:.2f}\n(median of {summary['repeats']} run(s) per variant)",
+                   f"{summary['overlap_efficiency']:.2f}\n(median of {summary.get('repeats', 1)} run(s) per variant)",
                    fontsize=10)
     bars.legend(fontsize=8)
     comps = ["env", "inference", "trainer"]

@@ -46,6 +46,8 @@ def test_config_precedence_defaults_preset_file_flags(tmp_path):
     (["--tasks", "click-buton"], "unknown MiniWoB++ task(s): ['click-buton']"),
     (["--group-size", "1"], "--group-size must be at least 2"),
     (["--mode", "fast"], "--mode must be one of async, sync"),
+    (["--updates", "0"], "0 only with --warmstart-steps"),
+    (["--warmstart-steps", "5", "--updates", "0", "--tasks", "click-color,click-shape"], "no task with a scripted"),
 ])
 def test_bad_input_gives_one_clear_message_and_nonzero_exit(args, message, capsys):
     with pytest.raises(SystemExit) if args == ["--bogus"] else _no_raise():
@@ -53,6 +55,12 @@ def test_bad_input_gives_one_clear_message_and_nonzero_exit(args, message, capsy
         assert rc == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_tiny_learn_preset_warm_starts_with_a_tight_horizon():
+    cfg, _ = train.resolve(["--preset", "tiny-learn"])
+    assert cfg.warmstart_steps > 0 and cfg.max_steps == cfg.k == 4 and "enter-text" not in cfg.tasks
+    assert all(t.max_steps == 4 and t.split == "train" for t in train.load_tasks(cfg))
 
 
 def test_bad_task_file_names_the_file_and_line(tmp_path):

@@ -1,0 +1,221 @@
+"""The paper's figures at our scale, from run logs alone (`python 06_eval.py --figures RUN_DIR ...`).
+
+Every figure is a PNG in figures/ with a JSON beside it holding exactly the numbers drawn: the raw per-update
+series of every run, and the curve of each variant (median over its runs, min-max band). Curves are smoothed with
+a moving average over SMOOTH updates (said on the axis); the JSON keeps the raw numbers too.
+
+A directory given here is either a training run (config.json + metrics.jsonl from 05_train.py, plus any eval-*.json
+tables that 06_eval.py saved inside it) or a throughput benchmark folder (throughput.json from --compare-sync).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from asyncwebrl import ROOT
+
+SMOOTH = 5
+SLICES = ("easy", "medium", "hard", "all")
+
+
+class RunLogError(ValueError):
+    """A run log that is missing or cannot be read; the message names the file."""
+
+
+def _json_lines(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise RunLogError(f"{path}: missing (is this a 05_train.py run directory?)")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise RunLogError(f"{path} line {n}: truncated or not JSON")
+    if not rows:
+        raise RunLogError(f"{path}: no rows (the run has not finished an update)")
+    return rows
+
+
+def read_run(folder: Path) -> dict:
+    folder = Path(folder)
+    if (folder / "throughput.json").is_file() and not (folder / "metrics.jsonl").exists():
+        return dict(kind="throughput", name=folder.name, dir=folder,
+                    throughput=json.loads((folder / "throughput.json").read_text()))
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise RunLogError(f"{cfg_file}: missing (is this a 05_train.py run directory?)")
+    try:
+        saved = json.loads(cfg_file.read_text())
+        cfg = saved["config"]
+    except (json.JSONDecodeError, KeyError):
+        raise RunLogError(f"{cfg_file}: truncated or not a 05_train.py config")
+    evals = {str(p.relative_to(folder)): json.loads(p.read_text()) for p in sorted(folder.rglob("eval-*.json"))}
+    if cfg.get("updates") == 0 and not (folder / "metrics.jsonl").exists():  # a warm start alone: tables only
+        return dict(kind="evals", name=folder.name, dir=folder, config=cfg, commit=saved.get("commit", "?"),
+                    evals=evals)
+    return dict(kind="train", name=folder.name, dir=folder, config=cfg, commit=saved.get("commit", "?"),
+                metrics=_json_lines(folder / "metrics.jsonl"), evals=evals)
+
+
+def normalizer_label(run: dict) -> str:
+    return "1/k" if run["config"]["normalizer"] == "const" else "1/|tau_i|"
+
+
+def mode_label(run: dict) -> str:
+    return run["config"]["mode"]
+
+
+def _smooth(ys: list[float]) -> list[float]:
+    out = []
+    for i in range(len(ys)):
+        window = [y for y in ys[max(0, i - SMOOTH + 1):i + 1] if y == y]  # nan: no trajectory of that kind
+        out.append(sum(window) / len(window) if window else float("nan"))
+    return out
+
+
+def _series(runs: list[dict], key: str, group, x: str = "version") -> dict:
+    """{group: {x, median, lo, hi}} over the runs of each group, and the raw series of every run."""
+    raw = {r["name"]: dict(group=group(r), x=[m[x] for m in r["metrics"]],
+                           y=[m.get(key, float("nan")) for m in r["metrics"]]) for r in runs}
+    curves = {}
+    for g in sorted({v["group"] for v in raw.values()}):
+        members = [v for v in raw.values() if v["group"] == g]
+        n = min(len(v["x"]) for v in members)  # the versions every run of the group reached
+        smooth = [_smooth(v["y"])[:n] for v in members]
+        cols = [sorted(y for y in col if y == y) for col in zip(*smooth)]
+        curves[g] = dict(runs=len(members), x=[_mean_x(members, i) for i in range(n)],
+                         median=[c[len(c) // 2] if len(c) % 2 else (sum(c[len(c) // 2 - 1:len(c) // 2 + 1]) / 2
+                                                                   if c else float("nan")) for c in cols],
+                         lo=[c[0] if c else float("nan") for c in cols], hi=[c[-1] if c else float("nan") for c in cols])
+    return dict(key=key, curves=curves, runs=raw)
+
+
+def _mean_x(members: list[dict], i: int) -> float:
+    return sum(v["x"][i] for v in members) / len(members)
+
+
+def _plot(ax, data: dict, style: str = "-", label_suffix: str = "") -> None:
+    for g, c in data["curves"].items():
+        line, = ax.plot(c["x"], c["median"], style, label=f"{g}{label_suffix} (median of {c['runs']})")
+        if c["runs"] > 1:
+            ax.fill_between(c["x"], c["lo"], c["hi"], color=line.get_color(), alpha=0.15)
+
+
+def _footer(fig, runs: list[dict]) -> None:
+    names = ", ".join(r["name"] for r in runs)
+    commits = ", ".join(sorted({r.get("commit", "?") for r in runs}))
+    fig.text(0.01, 0.005, f"runs: {names[:160]}{'...' if len(names) > 160 else ''}  |  commit {commits}",
+             fontsize=6, color="grey")
+
+
+def _save(fig, out: Path, stem: str, payload: dict) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    png = out / f"{stem}.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    print(f"wrote {png} (+ .json)")
+    return png
+
+
+def _curve_figure(runs, out, stem, title, panels, group=normalizer_label, x="version",
+                  xlabel="policy version (updates)") -> Path:
+    """One panel per (metric key, y label); one curve per group of runs."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    payload = dict(figure=title, smooth=SMOOTH, commits=sorted({r["commit"] for r in runs}), panels={})
+    for ax, (key, ylabel) in zip(axes[0], panels):
+        data = _series(runs, key, group, x)
+        _plot(ax, data)
+        ax.set(xlabel=xlabel, ylabel=f"{ylabel} (moving avg. {SMOOTH})", title=ylabel)
+        ax.legend(fontsize=8)
+        payload["panels"][key] = data
+    fig.suptitle(title, fontsize=11)
+    _footer(fig, runs)
+    return _save(fig, out, stem, payload)
+
+
+def fig_clip(runs, out) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    payload = dict(figure="clip-trigger rate", smooth=SMOOTH, commits=sorted({r["commit"] for r in runs}), panels={})
+    for key, style, name in (("clip_frac_decoupled", "-", ": ratio to pi_prox (decoupled)"),
+                             ("clip_frac_coupled", "--", ": ratio to pi_behave (coupled)")):
+        data = _series(runs, key, lambda r: "decoupled run" if r["config"]["decoupled"] else "coupled run")
+        _plot(ax, data, style, name)
+        payload["panels"][key] = data
+    ax.set(xlabel="policy version (updates)", ylabel=f"fraction of reply tokens clipped (moving avg. {SMOOTH})",
+           title="Clip-trigger rate: both ratios measured on the same batches")
+    ax.legend(fontsize=7)
+    _footer(fig, runs)
+    return _save(fig, out, "fig5_clip_rate", payload)
+
+
+def fig_slices(runs, out) -> Path | None:
+    """Final success by difficulty slice, one bar group per evaluation table found in the runs."""
+    import matplotlib.pyplot as plt
+
+    tables = [(f"{r['name']}/{rel}", t) for r in runs for rel, t in r["evals"].items()]
+    if not tables:
+        print("fig7: no eval-*.json in these runs (run 06_eval.py on them first); skipped")
+        return None
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(tables) + 3), 4.5))
+    width = 0.8 / len(tables)
+    payload = dict(figure="success by difficulty slice", tables={})
+    for i, (name, t) in enumerate(tables):
+        rows = [t["slices"].get(s, {}) for s in SLICES]
+        ys = [row.get("success", float("nan")) if row.get("episodes") else float("nan") for row in rows]
+        err = [[max(0.0, y - row["ci95"][0]) if row.get("episodes") else 0 for y, row in zip(ys, rows)],  # 1 - 1e-16
+               [max(0.0, row["ci95"][1] - y) if row.get("episodes") else 0 for y, row in zip(ys, rows)]]
+        ax.bar([j + i * width for j in range(len(SLICES))], ys, width, yerr=err, capsize=3,
+               label=f"{name} ({t['agent']}, {t['mode']}, {t['split']})")
+        payload["tables"][name] = {s: t["slices"].get(s) for s in SLICES}
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(SLICES))], SLICES)
+    ax.set(ylabel="success rate (95% Wilson CI)", ylim=(0, 1.05), title="Success by difficulty slice")
+    ax.legend(fontsize=6)
+    _footer(fig, runs)
+    return _save(fig, out, "fig7_success_by_slice", payload)
+
+
+def make_figures(dirs: list[Path], out: Path | None = None) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out = Path(out or ROOT / "figures")
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = [read_run(d) for d in dirs]
+    runs = [r for r in loaded if r["kind"] == "train"]
+    made = []
+    for bench in (r for r in loaded if r["kind"] == "throughput"):
+        from asyncwebrl.throughput_bench import throughput_figure
+
+        throughput_figure(bench["throughput"], out / "fig1_throughput.png")
+        (out / "fig1_throughput.json").write_text(json.dumps(bench["throughput"], indent=1) + "\n")
+        made.append(out / "fig1_throughput.png")
+    if not runs:
+        return made
+    # every finished rollout when the runs logged it (rollout_*), else the trained batch (biased towards mixed groups)
+    pick = lambda key: f"rollout_{key}" if all(f"rollout_{key}" in r["metrics"][0] for r in runs) else key  # noqa: E731
+    success = pick("success")
+    made.append(_curve_figure(runs, out, "fig2_success", "Success rate over training: 1/k vs 1/|tau_i|",
+                              [(success, "success rate of rollouts")]))
+    made.append(_curve_figure(runs, out, "fig3_steps", "Steps per trajectory over training: 1/k vs 1/|tau_i|",
+                              [(pick("steps_success"), "steps, successful trajectories"),
+                               (pick("steps_failure"), "steps, failed trajectories")]))
+    made.append(_curve_figure(runs, out, "fig4_tokens", "Reply tokens per step (memory verbosity): 1/k vs 1/|tau_i|",
+                              [(pick("tokens_per_step"), "reply tokens per step")]))
+    made.append(fig_clip(runs, out))
+    made.append(_curve_figure(runs, out, "fig6_token_weight",
+                              "Per-token gradient weight in the loss (03_grpo_loss.py), measured on each batch",
+                              [("token_weight_success", "weight per token, successful trajectories"),
+                               ("token_weight_failure", "|weight| per token, failed trajectories")]))
+    made.append(fig_slices([r for r in loaded if r["kind"] in ("train", "evals")], out))
+    made.append(_curve_figure(runs, out, "fig8_success_wallclock", "Success against wall-clock: async vs sync",
+                              [(success, "success rate of rollouts")], group=mode_label, x="time_s",
+                              xlabel="wall-clock seconds since the loop started"))
+    return [m for m in made if m is not None]

@@ -1,0 +1,98 @@
+"""Issue 8's experiment: does the tiny policy learn, and what do 1/k vs 1/|tau_i| and async vs sync do?
+
+    python -m asyncwebrl.learning_experiment [--out runs/learn] [--seeds 0 1 2] [--updates N]
+
+One warm start (behaviour cloning, `05_train.py --preset tiny-learn --updates 0`), then from that same model:
+    const-async-s<seed>   1/k, async          (the paper's recipe)
+    traj-async-s<seed>    1/|tau_i|, async    (the usual normalizer)
+    const-sync-s<seed>    1/k, sync           (the baseline pipeline; first seed only unless --sync-seeds)
+Each run's final checkpoint and the warm start are evaluated greedily on held-out episodes of the train tasks
+(06_eval.py); the 1/k async runs and the warm start also on the out-of-distribution test split. Every step is
+skipped when its output exists, so an interrupted experiment continues where it stopped. Writes
+OUT/summary.json and the figures (06_eval.py --figures) into figures/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from asyncwebrl import ROOT
+
+
+def sh(args: list[str]) -> None:
+    print("$", " ".join(args), flush=True)
+    subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
+
+
+def evaluate(target: Path, split: str, episodes: int, tasks: str = "", temperature: float = 0.0) -> dict:
+    out = target / f"eval-model-{split}-{'greedy' if temperature == 0 else f'T={temperature:g}'}.json"
+    if not out.is_file():
+        sh(["06_eval.py", str(target), "--episodes", str(episodes), "--out", str(out), "--temperature",
+            str(temperature)] + (["--tasks", tasks] if tasks else ["--split", split]))
+    return json.loads(out.read_text())["slices"]["all"]
+
+
+def evaluate_both(target: Path, episodes: int, tasks: str) -> dict:
+    """Train tasks, held-out episodes: greedy (as the paper evaluates) and at the training temperature 1 (the
+    policy RL actually optimises; greedy decoding can hide a change in a probability that stays below 1/2)."""
+    return dict(greedy=evaluate(target, "train", episodes, tasks), sampled=evaluate(target, "train", episodes, tasks, 1.0))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "learn", help="experiment folder (default: runs/learn)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="RL seeds (default: 0 1 2)")
+    p.add_argument("--sync-seeds", type=int, default=1, help="how many seeds also run the sync baseline (default: 1)")
+    p.add_argument("--updates", type=int, default=0, help="updates per run (default: the preset's)")
+    p.add_argument("--episodes", type=int, default=10, help="held-out episodes per train task (default: 10)")
+    p.add_argument("--test-episodes", type=int, default=3, help="episodes per test-split task (default: 3)")
+    args = p.parse_args(argv)
+    train = ROOT / "05_train.py"
+    from asyncwebrl import load
+
+    learn_tasks = load("05_train").PRESETS["tiny-learn"]["tasks"]
+    ws_run = args.out / "warmstart"
+    ws_model = ws_run / "warmstart" / "model"
+    if not (ws_model / "config.json").is_file():
+        sh([str(train), "--preset", "tiny-learn", "--updates", "0", "--run-dir", str(ws_run)])
+    runs = [(f"const-async-s{s}", s, ["--normalizer", "const", "--mode", "async"]) for s in args.seeds]
+    runs += [(f"traj-async-s{s}", s, ["--normalizer", "traj", "--mode", "async"]) for s in args.seeds]
+    runs += [(f"const-sync-s{s}", s, ["--normalizer", "const", "--mode", "sync"]) for s in args.seeds[:args.sync_seeds]]
+    summary = dict(warmstart=dict(train=evaluate_both(ws_model, args.episodes, learn_tasks),
+                                  test=evaluate(ws_model, "test", args.test_episodes)), runs={})
+    for name, seed, flags in runs:
+        run = args.out / name
+        done = (run / "checkpoints" / "latest").is_file() and (run / "done").is_file()
+        if not done:
+            t0 = time.time()
+            sh([str(train), "--preset", "tiny-learn", "--warmstart-steps", "0", "--model", str(ws_model),
+                "--seed", str(seed), "--run-dir", str(run), *flags,
+                *(["--updates", str(args.updates)] if args.updates else []),
+                *(["--resume", str(run)] if (run / "config.json").is_file() else [])])
+            (run / "done").write_text(f"{time.time() - t0:.0f} s\n")
+        row = dict(wall_s=float((run / "done").read_text().split()[0]),
+                   train=evaluate_both(run, args.episodes, learn_tasks))
+        if name.startswith("const-async"):
+            row["test"] = evaluate(run, "test", args.test_episodes)
+        summary["runs"][name] = row
+    for decoding in ("greedy", "sampled"):
+        ws = summary["warmstart"]["train"][decoding]["success"]
+        for prefix in ("const-async", "traj-async", "const-sync"):
+            gains = [r["train"][decoding]["success"] - ws for n, r in summary["runs"].items() if n.startswith(prefix)]
+            if gains:
+                summary[f"{prefix}_{decoding}_gain_pp"] = dict(median=100 * statistics.median(gains),
+                                                               min=100 * min(gains), max=100 * max(gains),
+                                                               seeds=len(gains))
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in summary.items() if k.endswith("_gain_pp")}, indent=1))
+    sh(["06_eval.py", "--figures", str(ws_run), *[str(args.out / n) for n, _, _ in runs], str(ROOT / "figures")])  # + throughput.json
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
