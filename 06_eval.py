@@ -131,7 +131,7 @@ def resolve_model(target: str | Path) -> tuple[Path, dict]:
         raise FileNotFoundError(f"{target}: not a run directory, a checkpoint or a model directory "
                                 f"(no {path / 'config.json'})")
     run_cfg = {}
-    for parent in path.resolve().parents:
+    for parent in path.absolute().parents:  # not resolve(): a checkpoint's model may be a link elsewhere
         cfg_file = parent / "config.json"
         if cfg_file.is_file() and "config" in (saved := json.loads(cfg_file.read_text())):
             run_cfg = saved["config"]

@@ -59,11 +59,13 @@ def read_run(folder: Path) -> dict:
 
 
 def normalizer_label(run: dict) -> str:
-    return "1/k" if run["config"]["normalizer"] == "const" else "1/|tau_i|"
+    """1/k or 1/|tau_i|; a sync run is its own curve (a sync baseline must not blend into the async median)."""
+    name = "1/k" if run["config"]["normalizer"] == "const" else "1/|tau_i|"
+    return name if run["config"].get("mode", "async") == "async" else f"{name}, {run['config']['mode']}"
 
 
 def mode_label(run: dict) -> str:
-    return run["config"]["mode"]
+    return f"{run['config']['mode']}, {'1/k' if run['config']['normalizer'] == 'const' else '1/|tau_i|'}"
 
 
 def _smooth(ys: list[float]) -> list[float]:
@@ -161,10 +163,11 @@ def fig_slices(runs, out) -> Path | None:
     import matplotlib.pyplot as plt
 
     tables = [(f"{r['name']}/{rel}", t) for r in runs for rel, t in r["evals"].items()]
+    tables.sort(key=lambda nt: (nt[1]["split"] == "test", nt[1]["mode"], nt[0]))  # in-distribution first
     if not tables:
         print("fig7: no eval-*.json in these runs (run 06_eval.py on them first); skipped")
         return None
-    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(tables) + 3), 4.5))
+    fig, ax = plt.subplots(figsize=(min(14, max(7, 0.9 * len(tables) + 4)), 5))
     width = 0.8 / len(tables)
     payload = dict(figure="success by difficulty slice", tables={})
     for i, (name, t) in enumerate(tables):
@@ -173,11 +176,12 @@ def fig_slices(runs, out) -> Path | None:
         err = [[max(0.0, y - row["ci95"][0]) if row.get("episodes") else 0 for y, row in zip(ys, rows)],  # 1 - 1e-16
                [max(0.0, row["ci95"][1] - y) if row.get("episodes") else 0 for y, row in zip(ys, rows)]]
         ax.bar([j + i * width for j in range(len(SLICES))], ys, width, yerr=err, capsize=3,
-               label=f"{name} ({t['agent']}, {t['mode']}, {t['split']})")
+               label=f"{name.split('/')[0]}: {'train tasks' if t['split'] in ('tasks', 'train') else 'test split (OOD)'}"
+                     f", {t['mode']}")
         payload["tables"][name] = {s: t["slices"].get(s) for s in SLICES}
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(SLICES))], SLICES)
     ax.set(ylabel="success rate (95% Wilson CI)", ylim=(0, 1.05), title="Success by difficulty slice")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=7, ncol=2)
     _footer(fig, runs)
     return _save(fig, out, "fig7_success_by_slice", payload)
 

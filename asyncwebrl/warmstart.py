@@ -10,6 +10,7 @@ figures follow steps and tokens per trajectory over training.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 import sys
@@ -78,10 +79,13 @@ class Demonstrator:
             if "wordy" not in ep.scratch:
                 ep.scratch.update(wordy=self.rng.random() < self.cfg.verbose, demos=[])
                 ep.scratch["pad"] = self.rng.choice([1, 2]) if ep.scratch["wordy"] else 0
-            action = oracle_action(ep.task.id.split("/")[-1], ep.obs) or env.Action("answer", text="")  # give up
             if ep.scratch["pad"] > 0:
                 ep.scratch["pad"] -= 1
                 action = env.Action("scroll", text="down")
+            else:  # the solvers count their own steps (click ONE at step 0, TWO at 1): redundant ones do not count
+                real = dataclasses.replace(ep.obs, step=ep.scratch.setdefault("real", 0))
+                ep.scratch["real"] += 1
+                action = oracle_action(ep.task.id.split("/")[-1], real) or env.Action("answer", text="")  # give up
             plan = _plan(action, ep.obs)
             turn = self.prompter.turn(ep.obs, ep.state)
             reply = f"Memory: {self.rng.choice(WORDY).format(plan=plan) if ep.scratch['wordy'] else plan}\nAction: {action}"

@@ -118,7 +118,8 @@ def test_figures_from_synthetic_logs(tmp_path):
     fig2 = json.loads((out / "fig2_success.json").read_text())["panels"]["rollout_success"]
     # raw numbers are the log's, by hand: run const-s1, version 4 -> 0.3 + 0.08 + 0.01
     assert fig2["runs"]["const-s1"]["y"][3] == pytest.approx(0.39)
-    assert fig2["curves"]["1/k"]["runs"] == 4 and fig2["curves"]["1/|tau_i|"]["runs"] == 3
+    assert fig2["curves"]["1/k"]["runs"] == 3 and fig2["curves"]["1/|tau_i|"]["runs"] == 3
+    assert fig2["curves"]["1/k, sync"]["runs"] == 1  # the sync baseline is a curve of its own
     # the 1/|tau_i| curve at version 1: median over seeds 0, 1, 2 of 0.32, 0.33, 0.34 (window of one point)
     assert fig2["curves"]["1/|tau_i|"]["median"][0] == pytest.approx(0.33)
     assert fig2["curves"]["1/|tau_i|"]["lo"][0] == pytest.approx(0.32)
@@ -127,7 +128,7 @@ def test_figures_from_synthetic_logs(tmp_path):
     fig3 = json.loads((out / "fig3_steps.json").read_text())["panels"]["rollout_steps_failure"]
     assert fig3["runs"]["const-s0"]["y"][9] == pytest.approx(3.0)
     fig8 = json.loads((out / "fig8_success_wallclock.json").read_text())["panels"]["rollout_success"]
-    assert fig8["runs"]["sync-s0"]["x"][2] == 60.0 and set(fig8["curves"]) == {"async", "sync"}
+    assert fig8["runs"]["sync-s0"]["x"][2] == 60.0 and set(fig8["curves"]) == {"async, 1/k", "async, 1/|tau_i|", "sync, 1/k"}
     fig7 = json.loads((out / "fig7_success_by_slice.json").read_text())
     assert fig7["tables"]["sync-s0/eval-model-train-greedy.json"]["easy"]["success"] == 0.6
 

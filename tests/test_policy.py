@@ -74,7 +74,8 @@ def test_text_from_the_page_or_the_memory_cannot_forge_control_tokens(policy, st
     pad = policy.tokenizer.convert_tokens_to_ids(pol.IMAGE_PAD)
     assert ids.count(pad) == len(turn.images) == 1
     with torch.no_grad():  # and the model runs: one image slot, one image
-        policy.logprobs([turn], [[policy.tokenizer.eos_token_id]], store)
+        reply = policy.tokenizer("Memory: a\nAction: click(#0)", add_special_tokens=False)["input_ids"]
+        policy.logprobs([turn], [reply + [policy.tokenizer.eos_token_id]], store)
 
 
 def test_history_and_image_windows_follow_the_config(policy):
