@@ -123,17 +123,17 @@ def _save(fig, out: Path, stem: str, payload: dict) -> Path:
     return png
 
 
-def _curve_figure(runs, out, stem, title, panels, group=normalizer_label, x="version",
+def _curve_figure(runs, out, stem, title, panels, ylabel, group=normalizer_label, x="version",
                   xlabel="policy version (updates)") -> Path:
-    """One panel per (metric key, y label); one curve per group of runs."""
+    """One panel per (metric key, panel title); one curve per group of runs."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     payload = dict(figure=title, smooth=SMOOTH, commits=sorted({r["commit"] for r in runs}), panels={})
-    for ax, (key, ylabel) in zip(axes[0], panels):
+    for ax, (key, panel) in zip(axes[0], panels):
         data = _series(runs, key, group, x)
         _plot(ax, data)
-        ax.set(xlabel=xlabel, ylabel=f"{ylabel} (moving avg. {SMOOTH})", title=ylabel)
+        ax.set(xlabel=xlabel, ylabel=f"{ylabel} (moving avg. {SMOOTH})", title=panel)
         ax.legend(fontsize=8)
         payload["panels"][key] = data
     fig.suptitle(title, fontsize=11)
@@ -207,19 +207,20 @@ def make_figures(dirs: list[Path], out: Path | None = None) -> list[Path]:
     pick = lambda key: f"rollout_{key}" if all(f"rollout_{key}" in r["metrics"][0] for r in runs) else key  # noqa: E731
     success = pick("success")
     made.append(_curve_figure(runs, out, "fig2_success", "Success rate over training: 1/k vs 1/|tau_i|",
-                              [(success, "success rate of rollouts")]))
+                              [(success, "every finished rollout")], "success rate"))
     made.append(_curve_figure(runs, out, "fig3_steps", "Steps per trajectory over training: 1/k vs 1/|tau_i|",
                               [(pick("steps_success"), "steps, successful trajectories"),
-                               (pick("steps_failure"), "steps, failed trajectories")]))
+                               (pick("steps_failure"), "steps, failed trajectories")], "steps per trajectory"))
     made.append(_curve_figure(runs, out, "fig4_tokens", "Reply tokens per step (memory verbosity): 1/k vs 1/|tau_i|",
-                              [(pick("tokens_per_step"), "reply tokens per step")]))
+                              [(pick("tokens_per_step"), "every finished rollout")], "reply tokens per step"))
     made.append(fig_clip(runs, out))
     made.append(_curve_figure(runs, out, "fig6_token_weight",
                               "Per-token gradient weight in the loss (03_grpo_loss.py), measured on each batch",
                               [("token_weight_success", "weight per token, successful trajectories"),
-                               ("token_weight_failure", "|weight| per token, failed trajectories")]))
+                               ("token_weight_failure", "|weight| per token, failed trajectories")],
+                              "gradient weight per token"))
     made.append(fig_slices([r for r in loaded if r["kind"] in ("train", "evals")], out))
     made.append(_curve_figure(runs, out, "fig8_success_wallclock", "Success against wall-clock: async vs sync",
-                              [(success, "success rate of rollouts")], group=mode_label, x="time_s",
+                              [(success, "every finished rollout")], "success rate", group=mode_label, x="time_s",
                               xlabel="wall-clock seconds since the loop started"))
     return [m for m in made if m is not None]
