@@ -178,7 +178,8 @@ def rubric_keywords_judge(task: Task, answer: str, screenshots: list[bytes]) -> 
     return float(all(any(alt.strip().lower() in answer for alt in f.split(" OR ")) for f in facts))
 
 
-# judge(task, answer, screenshots) -> reward in [0, 1]. Register an LLM judge here to train on the open web.
+# judge(task, answer, screenshots) -> reward in [0, 1]. The LLM judge of the paper is asyncwebrl.judge.ChatJudge
+# (any OpenAI-compatible endpoint); 05_train.py registers it as "chat" for --judge chat.
 JUDGES = {"rubric_keywords": rubric_keywords_judge}
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -677,7 +678,10 @@ class BrowserEnv:
         info["end"] = reason
         if reward is None and reason == "answer" and self.task.judge != "miniwob":
             shots = [self.store.get(k) for k in self.store.keys(self.episode)]
-            reward = float(JUDGES[self.task.judge](self.task, self._answer, shots))
+            try:  # a model judge takes seconds: off the event loop, so the other pages keep stepping
+                reward = float(await asyncio.to_thread(JUDGES[self.task.judge], self.task, self._answer, shots))
+            except Exception as e:  # an unreachable or babbling judge fails this episode, not the run
+                info.update(end="judge_error", judge_error=f"{type(e).__name__}: {e}")
         if reason in ("timeout", "page_crashed", "blocked_navigation", "page_error", "browser_died"):
             await self._drop_page()  # never reuse a page that hung, crashed or left the allowed sites
         obs = self.last_obs or Observation(self.goal, "", None)  # after a crash: the last good observation

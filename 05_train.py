@@ -63,6 +63,10 @@ class TrainConfig:
     task_file: str = opt("", "a WebGym task file (JSONL or JSON list) instead of MiniWoB++")
     tasks: str = opt(TINY_TASKS, "comma-separated MiniWoB++ task names; 'all' = every task of --split")
     split: str = opt("train", "task split to train on: train | test")
+    judge: str = opt("rubric_keywords", "judge of WebGym answers: rubric_keywords (keyword match, offline) | chat (an "
+                     "LLM judge at --judge-url, asyncwebrl/judge.py; API key from $OPENAI_API_KEY)")
+    judge_url: str = opt("", "OpenAI-compatible base URL of the judge, e.g. http://localhost:8000/v1 (vllm serve)")
+    judge_model: str = opt("", "model name the judge endpoint serves, e.g. gemini-2.5-flash")
     max_steps: int = opt(0, "episode horizon; 0 = the task's own (10 / 20 / 30 for easy / medium / hard)")
     # warm start (stands in for pretraining: behaviour cloning on scripted demonstrations, asyncwebrl/warmstart.py)
     warmstart_steps: int = opt(0, "behaviour-cloning steps before RL; 0 = none (RL from the --model weights)")
@@ -177,7 +181,7 @@ def check(cfg: TrainConfig, dry_run: bool = False) -> None:
     """Every bad input found before anything starts, each as one clear sentence. A dry run plans for GPUs this
     machine may not have."""
     choices = dict(engine=("auto", "hf", "vllm"), split=("train", "test"), constrained=("auto", "on", "off"),
-                   mode=("async", "sync"), normalizer=("const", "traj"))
+                   mode=("async", "sync"), normalizer=("const", "traj"), judge=("rubric_keywords", "chat"))
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise UsageError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
@@ -187,6 +191,8 @@ def check(cfg: TrainConfig, dry_run: bool = False) -> None:
                  "micro_batch", "max_new_tokens"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.judge == "chat" and not (cfg.judge_url and cfg.judge_model):
+        raise UsageError("--judge chat needs --judge-url and --judge-model")
     if cfg.group_size < 2:
         raise UsageError("--group-size must be at least 2: GRPO compares trajectories within a group")
     model = Path(cfg.model)
@@ -214,7 +220,11 @@ def check(cfg: TrainConfig, dry_run: bool = False) -> None:
 def load_tasks(cfg: TrainConfig) -> list:
     try:
         if cfg.task_file:
-            tasks = env.load_webgym_tasks(cfg.task_file, split=cfg.split)
+            if cfg.judge == "chat":
+                from asyncwebrl.judge import ChatJudge
+
+                env.JUDGES["chat"] = ChatJudge(cfg.judge_url, cfg.judge_model, os.environ.get("OPENAI_API_KEY", ""))
+            tasks = env.load_webgym_tasks(cfg.task_file, split=cfg.split, judge=cfg.judge)
         else:
             names = None if cfg.tasks == "all" else [n.strip() for n in cfg.tasks.split(",") if n.strip()]
             tasks = env.miniwob_tasks(split=cfg.split if names is None else None, names=names)

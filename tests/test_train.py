@@ -1,4 +1,5 @@
 """05_train.py from the command line: dry-run placement, bad input, and a real tiny run killed and resumed."""
+import dataclasses
 import json
 import os
 import signal
@@ -48,6 +49,8 @@ def test_config_precedence_defaults_preset_file_flags(tmp_path):
     (["--mode", "fast"], "--mode must be one of async, sync"),
     (["--updates", "0"], "0 only with --warmstart-steps"),
     (["--warmstart-steps", "5", "--updates", "0", "--tasks", "click-color,click-shape"], "no task with a scripted"),
+    (["--judge", "chat"], "--judge chat needs --judge-url and --judge-model"),
+    (["--judge", "gpt"], "--judge must be one of rubric_keywords, chat"),
 ])
 def test_bad_input_gives_one_clear_message_and_nonzero_exit(args, message, capsys):
     with pytest.raises(SystemExit) if args == ["--bogus"] else _no_raise():
@@ -193,3 +196,18 @@ def test_optional_loggers_that_are_not_installed_are_a_clear_error(tmp_path, cap
     assert train.main(["--tensorboard", "--run-dir", str(tmp_path / "r"), "--updates", "1", *SMALL]) == 2
     assert "--tensorboard needs `pip install tensorboard`" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # refused before anything started
+
+
+def test_judge_chat_registers_the_llm_judge_for_webgym_tasks(tmp_path, monkeypatch):
+    from asyncwebrl.judge import ChatJudge
+
+    f = tmp_path / "tasks.jsonl"
+    f.write_text('{"task_name": "find it", "website": "example.org", "evaluator_reference": [{"facts": ["a"]}]}\n')
+    monkeypatch.setitem(train.env.JUDGES, "chat", None)  # restored after the test
+    monkeypatch.setenv("OPENAI_API_KEY", "secret")
+    cfg, _ = train.resolve(["--task-file", str(f), "--judge", "chat", "--judge-url", "http://h/v1", "--judge-model", "m"])
+    tasks = train.load_tasks(cfg)
+    judge = train.env.JUDGES["chat"]
+    assert [t.judge for t in tasks] == ["chat"] and isinstance(judge, ChatJudge)
+    assert (judge.url, judge.model, judge.api_key) == ("http://h/v1/chat/completions", "m", "secret")
+    assert "secret" not in json.dumps(dataclasses.asdict(cfg))  # the key never lands in the saved config
