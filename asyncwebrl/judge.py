@@ -31,16 +31,14 @@ class ChatJudge:
     def __init__(self, base_url: str, model: str, api_key: str = "", max_screenshots: int = 8, timeout: float = 120):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.api_key, self.max_screenshots, self.timeout = model, api_key, max_screenshots, timeout
-        self.calls = 0
 
     def ask(self, question: str, screenshots: list[bytes]) -> bool:
         images = [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(s).decode()}}
                   for s in screenshots]
         body = dict(model=self.model, temperature=0, max_tokens=8,
                     messages=[{"role": "user", "content": images + [{"type": "text", "text": question}]}])
-        request = urllib.request.Request(self.url, data=json.dumps(body).encode(), method="POST", headers={
-            "Content-Type": "application/json", **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})})
-        self.calls += 1
+        headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})
+        request = urllib.request.Request(self.url, data=json.dumps(body).encode(), method="POST", headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 reply = json.loads(response.read())["choices"][0]["message"]["content"] or ""
