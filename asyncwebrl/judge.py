@@ -37,7 +37,9 @@ class ChatJudge:
                   for s in screenshots]
         body = dict(model=self.model, temperature=0, max_tokens=8,
                     messages=[{"role": "user", "content": images + [{"type": "text", "text": question}]}])
-        headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(self.url, data=json.dumps(body).encode(), method="POST", headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
