@@ -196,7 +196,8 @@ def parser() -> argparse.ArgumentParser:
                    help="episode horizon; 0 = the run's own (05's --max-steps), else the task's (default: 0)")
     p.add_argument("--workers", type=int, default=8, help="episodes played side by side (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="random agent's seed (default: 0)")
-    p.add_argument("--out", help="where the JSON table goes (default: beside the checkpoint, or figures/)")
+    p.add_argument("--out", help="where the JSON table goes (default: beside the checkpoint, or figures/); with "
+                   "--figures, the folder the figures go to (default: figures/)")
     p.add_argument("--figures", nargs="+", metavar="RUN_DIR", help="regenerate the figures from these runs' logs")
     return p
 
@@ -208,7 +209,7 @@ def main(argv=None) -> int:
         if args.figures:
             from asyncwebrl.figures import make_figures
 
-            make_figures([Path(d) for d in args.figures])
+            make_figures([Path(d) for d in args.figures], args.out)
             return 0
         if args.agent == "model" and not args.target:
             p.error("give a run directory, checkpoint or model directory to evaluate (or --agent oracle|random)")

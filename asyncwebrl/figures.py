@@ -158,30 +158,52 @@ def fig_clip(runs, out) -> Path:
     return _save(fig, out, "fig5_clip_rate", payload)
 
 
+def _eval_label(t: dict) -> str:
+    where = "test split (OOD)" if t["split"] == "test" else "train tasks, held-out episodes"
+    return f"{where}, {'greedy' if t['mode'] == 'greedy' else t['mode']}"
+
+
 def fig_slices(runs, out) -> Path | None:
-    """Final success by difficulty slice, one bar group per evaluation table found in the runs."""
+    """Final success by difficulty slice: one panel per kind of evaluation, one bar per variant (warm start,
+    1/k async, ...) and slice. Bar = median over the variant's seeds; whisker = min-max over seeds, or the 95%
+    Wilson interval when the variant has one run."""
+    import statistics
+
     import matplotlib.pyplot as plt
 
-    tables = [(f"{r['name']}/{rel}", t) for r in runs for rel, t in r["evals"].items()]
-    tables.sort(key=lambda nt: (nt[1]["split"] == "test", nt[1]["mode"], nt[0]))  # in-distribution first
+    tables = [(r, rel, t) for r in runs for rel, t in r["evals"].items()]
     if not tables:
         print("fig7: no eval-*.json in these runs (run 06_eval.py on them first); skipped")
         return None
-    fig, ax = plt.subplots(figsize=(min(14, max(7, 0.9 * len(tables) + 4)), 5))
-    width = 0.8 / len(tables)
-    payload = dict(figure="success by difficulty slice", tables={})
-    for i, (name, t) in enumerate(tables):
-        rows = [t["slices"].get(s, {}) for s in SLICES]
-        ys = [row.get("success", float("nan")) if row.get("episodes") else float("nan") for row in rows]
-        err = [[max(0.0, y - row["ci95"][0]) if row.get("episodes") else 0 for y, row in zip(ys, rows)],  # 1 - 1e-16
-               [max(0.0, row["ci95"][1] - y) if row.get("episodes") else 0 for y, row in zip(ys, rows)]]
-        ax.bar([j + i * width for j in range(len(SLICES))], ys, width, yerr=err, capsize=3,
-               label=f"{name.split('/')[0]}: {'train tasks' if t['split'] in ('tasks', 'train') else 'test split (OOD)'}"
-                     f", {t['mode']}")
-        payload["tables"][name] = {s: t["slices"].get(s) for s in SLICES}
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(SLICES))], SLICES)
-    ax.set(ylabel="success rate (95% Wilson CI)", ylim=(0, 1.05), title="Success by difficulty slice")
-    ax.legend(fontsize=7, ncol=2)
+    def variant(r):  # "1/k, async"
+        return "warm start" if r["kind"] == "evals" else ", ".join(mode_label(r).split(", ")[::-1])
+
+    kinds = sorted({_eval_label(t) for _, _, t in tables}, key=lambda k: ("OOD" in k, k))
+    variants = list(dict.fromkeys(variant(r) for r, _, _ in sorted(tables, key=lambda x: x[0]["kind"] == "train")))
+    payload = dict(figure="success by difficulty slice", tables={f"{r['name']}/{rel}": {s: t["slices"].get(s)
+                   for s in SLICES} for r, rel, t in tables}, bars={})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4.2), squeeze=False, sharey=True)
+    width = 0.8 / len(variants)
+    for ax, kind in zip(axes[0], kinds):
+        for i, v in enumerate(variants):
+            members = [t for r, _, t in tables if variant(r) == v and _eval_label(t) == kind]
+            if not members:
+                continue
+            ys, lo, hi = [], [], []
+            for sl in SLICES:
+                rows = [t["slices"][sl] for t in members if t["slices"].get(sl, {}).get("episodes")]
+                y = statistics.median(row["success"] for row in rows) if rows else float("nan")
+                seeds = [row["success"] for row in rows]
+                low, high = (rows[0]["ci95"] if len(rows) == 1 else (min(seeds), max(seeds)) if rows else (y, y))
+                ys.append(y), lo.append(max(0.0, y - low)), hi.append(max(0.0, high - y))  # Wilson bound 1 - 1e-16
+            ax.bar([j + i * width for j in range(len(SLICES))], ys, width, yerr=[lo, hi], capsize=3, color=f"C{i}",
+                   label=f"{v} ({len(members)} run{'s' if len(members) > 1 else ''})")
+            payload["bars"][f"{kind} | {v}"] = dict(runs=len(members), slices=dict(zip(SLICES, ys)))
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(SLICES))], SLICES)
+        ax.set(title=kind, ylim=(0, 1.05), xlabel="difficulty slice")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("success rate (median over seeds)")
+    fig.suptitle("Success by difficulty slice (whiskers: min-max over seeds; one run: 95% Wilson CI)", fontsize=11)
     _footer(fig, runs)
     return _save(fig, out, "fig7_success_by_slice", payload)
 

@@ -9,7 +9,8 @@ One warm start (behaviour cloning, `05_train.py --preset tiny-learn --updates 0`
 Each run's final checkpoint and the warm start are evaluated greedily on held-out episodes of the train tasks
 (06_eval.py); the 1/k async runs and the warm start also on the out-of-distribution test split. Every step is
 skipped when its output exists, so an interrupted experiment continues where it stopped. Writes
-OUT/summary.json and the figures (06_eval.py --figures) into figures/.
+OUT/summary.json, copies the logs to figures/logs/<OUT's name> and makes the figures from them (06_eval.py
+--figures) in figures/.
 """
 from __future__ import annotations
 
@@ -41,6 +42,25 @@ def evaluate_both(target: Path, episodes: int, tasks: str) -> dict:
     """Train tasks, held-out episodes: greedy (as the paper evaluates) and at the training temperature 1 (the
     policy RL actually optimises; greedy decoding can hide a change in a probability that stays below 1/2)."""
     return dict(greedy=evaluate(target, "train", episodes, tasks), sampled=evaluate(target, "train", episodes, tasks, 1.0))
+
+
+LOG_FILES = ("config.json", "metrics.jsonl", "done", "eval-*.json", "stats.json", "log.jsonl", "summary.json")
+
+
+def export_logs(out: Path, dirs: list[Path]) -> list[Path]:
+    """Copy the small logs (configs, metrics, evaluation tables; no weights, no screenshots) to figures/logs/<out>, so
+    the figures and the README's numbers can be checked from the repository alone. Returns the copied run dirs."""
+    import shutil
+
+    dest = ROOT / "figures" / "logs" / out.name
+    for pattern in LOG_FILES:
+        for f in out.rglob(pattern):
+            weights = f.parent.name == "model" and pattern == "config.json"  # the model's own config
+            if weights or "checkpoints" in f.parts or "trajectories" in f.parts:
+                continue
+            (dest / f.relative_to(out)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dest / f.relative_to(out))
+    return [dest / d.relative_to(out) for d in dirs]
 
 
 def main(argv=None) -> int:
@@ -90,7 +110,8 @@ def main(argv=None) -> int:
                                                                seeds=len(gains))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k.endswith("_gain_pp")}, indent=1))
-    sh(["06_eval.py", "--figures", str(ws_run), *[str(args.out / n) for n, _, _ in runs], str(ROOT / "figures")])  # + throughput.json
+    logs = export_logs(args.out, [ws_run] + [args.out / n for n, _, _ in runs])
+    sh(["06_eval.py", "--figures", *[str(d) for d in logs], str(ROOT / "figures")])  # figures/: + throughput.json
     return 0
 
 

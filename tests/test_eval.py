@@ -131,6 +131,9 @@ def test_figures_from_synthetic_logs(tmp_path):
     assert fig8["runs"]["sync-s0"]["x"][2] == 60.0 and set(fig8["curves"]) == {"async, 1/k", "async, 1/|tau_i|", "sync, 1/k"}
     fig7 = json.loads((out / "fig7_success_by_slice.json").read_text())
     assert fig7["tables"]["sync-s0/eval-model-train-greedy.json"]["easy"]["success"] == 0.6
+    assert fig7["bars"]["train tasks, held-out episodes, greedy | 1/k, sync"] == dict(
+        runs=1, slices=dict(easy=0.6, medium=pytest.approx(float("nan"), nan_ok=True), hard=pytest.approx(
+            float("nan"), nan_ok=True), all=0.6))
 
 
 def test_missing_or_truncated_log_names_the_file(tmp_path):
@@ -144,3 +147,15 @@ def test_missing_or_truncated_log_names_the_file(tmp_path):
     with pytest.raises(RunLogError, match=r"metrics.jsonl: missing"):
         make_figures([d], tmp_path / "out")
     assert eval_mod.main(["--figures", str(d)]) == 2
+
+
+def test_committed_figures_are_regenerated_from_the_committed_run_logs(tmp_path):
+    """figures/fig2-4,7,8 in the repository are exactly what the logs in figures/logs/learn give (README's numbers)."""
+    logs = ROOT / "figures" / "logs" / "learn"
+    runs = [logs / "warmstart"] + sorted(p for p in logs.iterdir() if (p / "metrics.jsonl").is_file())
+    assert len(runs) == 8
+    make_figures(runs, tmp_path)
+    for stem in ("fig2_success", "fig3_steps", "fig4_tokens", "fig7_success_by_slice", "fig8_success_wallclock"):
+        committed = json.loads((ROOT / "figures" / f"{stem}.json").read_text())
+        fresh = json.loads((tmp_path / f"{stem}.json").read_text())
+        assert json.dumps(fresh, sort_keys=True).replace(str(ROOT) + "/", "") == json.dumps(committed, sort_keys=True)
