@@ -560,11 +560,13 @@ def warm_start(cfg: TrainConfig) -> TrainConfig:
               f"steps of {wcfg.batch} replies")
         torch.manual_seed(cfg.seed)
         policy, store = policy_mod.Policy(policy_config(cfg, placement(cfg))), env.ScreenshotStore()
+        t0 = time.time()
         try:
             demos, stats = collect(policy, load_tasks(cfg), wcfg, store)
         except (ValueError, RuntimeError) as e:
             raise UsageError(str(e))
         folder.parent.mkdir(parents=True, exist_ok=True)
+        t1 = time.time()
         with open(folder.parent / "log.jsonl", "w") as log:
             losses = clone(policy, demos, store, wcfg, log=lambda row: log.write(json.dumps(row) + "\n"))
         tmp = folder.with_suffix(".tmp")
@@ -572,10 +574,10 @@ def warm_start(cfg: TrainConfig) -> TrainConfig:
         policy.save(tmp)
         os.replace(tmp, folder)
         stats.update(loss_first=losses[0], loss_last=losses[-1], steps=wcfg.steps, batch=wcfg.batch, lr=wcfg.lr,
-                     verbose_fraction=wcfg.verbose)
+                     verbose_fraction=wcfg.verbose, collect_s=round(t1 - t0), clone_s=round(time.time() - t1))
         (folder.parent / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
         print(f"warm start: {stats['demo_steps']} demonstration steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}; "
-              f"saved {folder}")
+              f"{stats['collect_s'] + stats['clone_s']} s; saved {folder}")
     return dataclasses.replace(cfg, model=str(folder))
 
 

@@ -55,7 +55,18 @@ def read_run(folder: Path) -> dict:
         return dict(kind="evals", name=folder.name, dir=folder, config=cfg, commit=saved.get("commit", "?"),
                     evals=evals)
     return dict(kind="train", name=folder.name, dir=folder, config=cfg, commit=saved.get("commit", "?"),
-                metrics=_json_lines(folder / "metrics.jsonl"), evals=evals)
+                metrics=_continued_clock(_json_lines(folder / "metrics.jsonl")), evals=evals)
+
+
+def _continued_clock(rows: list[dict]) -> list[dict]:
+    """A resumed run's loop starts its clock (time_s) at 0 again: count on from the row before."""
+    offset, last = 0.0, 0.0
+    for row in rows:
+        if "time_s" in row:
+            if row["time_s"] + offset < last:
+                offset = last
+            row["time_s"] = last = row["time_s"] + offset
+    return rows
 
 
 def normalizer_label(run: dict) -> str:

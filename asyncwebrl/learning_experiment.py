@@ -1,6 +1,7 @@
 """Issue 8's experiment: does the tiny policy learn, and what do 1/k vs 1/|tau_i| and async vs sync do?
 
     python -m asyncwebrl.learning_experiment [--out runs/learn] [--seeds 0 1 2] [--updates N]
+    python -m asyncwebrl.learning_experiment --from runs/learn --out runs/learn40 --updates 40 --variants const-async
 
 One warm start (behaviour cloning, `05_train.py --preset tiny-learn --updates 0`), then from that same model:
     const-async-s<seed>   1/k, async          (the paper's recipe)
@@ -8,9 +9,11 @@ One warm start (behaviour cloning, `05_train.py --preset tiny-learn --updates 0`
     const-sync-s<seed>    1/k, sync           (the baseline pipeline; first seed only unless --sync-seeds)
 Each run's final checkpoint and the warm start are evaluated greedily on held-out episodes of the train tasks
 (06_eval.py); the 1/k async runs and the warm start also on the out-of-distribution test split. Every step is
-skipped when its output exists, so an interrupted experiment continues where it stopped. Writes
+skipped when its output exists, so an interrupted experiment continues where it stopped. With --from, the warm
+start and the runs of an earlier experiment are copied first and trained on (--resume) to --updates: a longer run
+shares its first updates with the shorter one. Writes
 OUT/summary.json, copies the logs to figures/logs/<OUT's name> and makes the figures from them (06_eval.py
---figures) in figures/.
+--figures) in figures/ or --figures DIR.
 """
 from __future__ import annotations
 
@@ -44,6 +47,26 @@ def evaluate_both(target: Path, episodes: int, tasks: str) -> dict:
     return dict(greedy=evaluate(target, "train", episodes, tasks), sampled=evaluate(target, "train", episodes, tasks, 1.0))
 
 
+VARIANTS = {"const-async": ["--normalizer", "const", "--mode", "async"],  # the paper's recipe
+            "traj-async": ["--normalizer", "traj", "--mode", "async"],  # the usual normalizer
+            "const-sync": ["--normalizer", "const", "--mode", "sync"]}  # the baseline pipeline
+
+
+def latest_version(run: Path) -> int | None:
+    latest = run / "checkpoints" / "latest"
+    return int(latest.read_text().strip().lstrip("v")) if latest.is_file() else None
+
+
+def copy_runs(source: Path, out: Path, names: list[str]) -> None:
+    """Start from an earlier experiment: its warm start (with its evaluations) and runs (checkpoints, logs)."""
+    import shutil
+
+    for name in names:
+        if (source / name).is_dir() and not (out / name).exists():
+            print(f"copy {source / name} -> {out / name}", flush=True)
+            shutil.copytree(source / name, out / name, symlinks=True)
+
+
 LOG_FILES = ("config.json", "metrics.jsonl", "done", "eval-*.json", "stats.json", "log.jsonl", "summary.json")
 
 
@@ -67,6 +90,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "learn", help="experiment folder (default: runs/learn)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="RL seeds (default: 0 1 2)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                   help="which runs to make (default: all three)")
+    p.add_argument("--from", dest="source", type=Path, help="an earlier experiment folder: copy its warm start and "
+                   "runs, then train them on to --updates")
+    p.add_argument("--figures", type=Path, help="folder for the figures (default: figures/)")
     p.add_argument("--sync-seeds", type=int, default=1, help="how many seeds also run the sync baseline (default: 1)")
     p.add_argument("--updates", type=int, default=0, help="updates per run (default: the preset's)")
     p.add_argument("--episodes", type=int, default=10, help="held-out episodes per train task (default: 10)")
@@ -75,27 +103,29 @@ def main(argv=None) -> int:
     train = ROOT / "05_train.py"
     from asyncwebrl import load
 
-    learn_tasks = load("05_train").PRESETS["tiny-learn"]["tasks"]
+    preset = load("05_train").PRESETS["tiny-learn"]
+    learn_tasks, updates = preset["tasks"], args.updates or preset["updates"]
     ws_run = args.out / "warmstart"
     ws_model = ws_run / "warmstart" / "model"
+    runs = [(f"{v}-s{s}", s, VARIANTS[v]) for v in args.variants
+            for s in (args.seeds[:args.sync_seeds] if v == "const-sync" else args.seeds)]
+    if args.source:
+        copy_runs(args.source, args.out, ["warmstart"] + [n for n, _, _ in runs])
     if not (ws_model / "config.json").is_file():
         sh([str(train), "--preset", "tiny-learn", "--updates", "0", "--run-dir", str(ws_run)])
-    runs = [(f"const-async-s{s}", s, ["--normalizer", "const", "--mode", "async"]) for s in args.seeds]
-    runs += [(f"traj-async-s{s}", s, ["--normalizer", "traj", "--mode", "async"]) for s in args.seeds]
-    runs += [(f"const-sync-s{s}", s, ["--normalizer", "const", "--mode", "sync"]) for s in args.seeds[:args.sync_seeds]]
     summary = dict(warmstart=dict(train=evaluate_both(ws_model, args.episodes, learn_tasks),
                                   test=evaluate(ws_model, "test", args.test_episodes)), runs={})
     for name, seed, flags in runs:
         run = args.out / name
-        done = (run / "checkpoints" / "latest").is_file() and (run / "done").is_file()
-        if not done:
-            t0 = time.time()
+        if latest_version(run) != updates or not (run / "done").is_file():
+            t0, before = time.time(), (run / "done").read_text().split()[0] if (run / "done").is_file() else 0
+            for stale in run.glob("eval-*.json"):  # they describe an earlier checkpoint
+                stale.unlink()
             sh([str(train), "--preset", "tiny-learn", "--warmstart-steps", "0", "--model", str(ws_model),
-                "--seed", str(seed), "--run-dir", str(run), *flags,
-                *(["--updates", str(args.updates)] if args.updates else []),
+                "--seed", str(seed), "--run-dir", str(run), *flags, "--updates", str(updates),
                 *(["--resume", str(run)] if (run / "config.json").is_file() else [])])
-            (run / "done").write_text(f"{time.time() - t0:.0f} s\n")
-        row = dict(wall_s=float((run / "done").read_text().split()[0]),
+            (run / "done").write_text(f"{float(before) + time.time() - t0:.0f} s\n")  # wall-clock of all updates
+        row = dict(updates=latest_version(run), wall_s=float((run / "done").read_text().split()[0]),
                    train=evaluate_both(run, args.episodes, learn_tasks))
         if name.startswith("const-async"):
             row["test"] = evaluate(run, "test", args.test_episodes)
@@ -111,7 +141,8 @@ def main(argv=None) -> int:
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k.endswith("_gain_pp")}, indent=1))
     logs = export_logs(args.out, [ws_run] + [args.out / n for n, _, _ in runs])
-    sh(["06_eval.py", "--figures", *[str(d) for d in logs], str(ROOT / "figures")])  # figures/: + throughput.json
+    figures = args.figures or ROOT / "figures"  # figures/ also holds throughput.json for fig1
+    sh(["06_eval.py", "--figures", *[str(d) for d in logs], str(ROOT / "figures"), "--out", str(figures)])
     return 0
 
 

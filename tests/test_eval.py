@@ -65,6 +65,7 @@ def test_model_checkpoint_is_evaluated_with_its_run_config(tiny_dir, tmp_path):
     assert eval_mod.main([str(run), "--tasks", "click-button", "--episodes", "3", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["mode"] == "greedy" and result["slices"]["all"]["episodes"] == 3
+    assert result["model"] == str(run / "checkpoints" / "v0002" / "model")  # which checkpoint "latest" was
     assert all(0 < r["tokens"] <= 24 * r["steps"] for r in result["records"])  # the run's reply budget was used
 
 
@@ -134,6 +135,16 @@ def test_figures_from_synthetic_logs(tmp_path):
     assert fig7["bars"]["train tasks, held-out episodes, greedy | 1/k, sync"] == dict(
         runs=1, slices=dict(easy=0.6, medium=pytest.approx(float("nan"), nan_ok=True), hard=pytest.approx(
             float("nan"), nan_ok=True), all=0.6))
+
+
+def test_a_resumed_runs_clock_counts_on(tmp_path):
+    from asyncwebrl.figures import read_run
+
+    rows = _run(tmp_path / "run", "const", "async", 0, n=6)
+    for r in rows[4:]:  # resumed from the checkpoint of version 4: the new loop's clock starts again at 0
+        r["time_s"] = 7.0 * (r["version"] - 4)
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [m["time_s"] for m in read_run(tmp_path / "run")["metrics"]] == [10, 20, 30, 40, 47, 54]
 
 
 def test_missing_or_truncated_log_names_the_file(tmp_path):
