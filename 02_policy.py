@@ -445,6 +445,7 @@ class Policy(_Prompter):
         self.cfg = cfg
         self.model, self.tokenizer, self.image_processor = load_model(cfg, trainable)
         self.grammar = ActionGrammar(self.tokenizer, cfg.max_new_tokens, cfg.memory_tokens) if constrained(cfg) else None
+        self.tiny = is_tiny(cfg.model)  # asked now: a resumed run loads a checkpoint that is deleted later on
 
     @property
     def device(self):
@@ -487,7 +488,7 @@ class Policy(_Prompter):
         self.model.save_pretrained(folder, state_dict=state_dict)
         self.tokenizer.save_pretrained(folder)
         self.image_processor.save_pretrained(folder)
-        if is_tiny(self.cfg.model):
+        if self.tiny:
             (folder / "asyncwebrl-tiny").write_text("tiny model checkpoint\n")
         return folder
 

@@ -1,5 +1,6 @@
 """02_policy: prompt and reply format, the tiny offline Qwen3-VL, log-probs, both samplers, constrained decoding."""
 import random
+import shutil
 import threading
 import time
 
@@ -248,6 +249,18 @@ def test_save_load_round_trip_gives_identical_logprobs(policy, store, tmp_path):
     with torch.no_grad():
         b, _ = again.logprobs(turns, replies, store)
     assert torch.equal(a, b)
+
+
+def test_a_checkpoint_of_a_checkpoint_stays_tiny_after_its_source_is_deleted(policy, tmp_path):
+    """A resumed run loads checkpoint vN, and vN is deleted (keep_checkpoints) before vN+M is saved: the marker
+    that keeps constrained decoding on must not depend on vN still being there (it once did: the evaluation of a
+    resumed run then decoded unconstrained and failed every episode)."""
+    first = policy.save(tmp_path / "v1")
+    resumed = pol.Policy(pol.PolicyConfig(model=str(first)))
+    shutil.rmtree(first)
+    second = resumed.save(tmp_path / "v2")
+    assert (second / "asyncwebrl-tiny").is_file()
+    assert pol.constrained(pol.PolicyConfig(model=str(second)))
 
 
 def test_backward_reaches_the_vision_tower(policy, store):
