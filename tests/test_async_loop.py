@@ -1,6 +1,7 @@
 """04_async_loop with fakes (fast, no browser): the ledger, staleness, versions, sync mode, back-pressure, worker
 restarts, clean shutdown, and the long-tail throughput gap; then one short real run of each mode."""
 import _thread
+import signal
 import statistics
 import threading
 import time
@@ -129,12 +130,21 @@ def test_an_env_that_always_raises_abandons_its_group_and_training_goes_on():
 
 
 def test_shutdown_is_clean_on_keyboard_interrupt():
+    # A shell's background job starts with SIGINT ignored, and then interrupt_main() does nothing: Ctrl-C's
+    # handler is put in place for this test, and a second timer ends the run (and fails the test) if it never came.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     store = env.ScreenshotStore()
     envs = FakeEnvs(store, step_s=0.01)
     loop, *_ = make_loop(store, envs=envs, updates=10**6)
     threading.Timer(0.5, _thread.interrupt_main).start()
-    with pytest.raises(KeyboardInterrupt):
-        loop.run()
+    watchdog = threading.Timer(60, loop.stop.set)
+    watchdog.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            loop.run()
+    finally:
+        watchdog.cancel()
+        signal.signal(signal.SIGINT, previous)
     names = {t.name for t in threading.enumerate()}
     assert not names & {"rollout", "trainer"} and not any(n.startswith("inference") for n in names)
     assert envs.closed and all(s.closed for s in envs.slots)
