@@ -22,6 +22,7 @@ import functools
 import hashlib
 import json
 import re
+import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -329,12 +330,18 @@ class _QuietHandler(SimpleHTTPRequestHandler):
         pass
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a page closed mid-download: nothing went wrong
+            super().handle_error(request, client_address)
+
+
 class TaskServer:
     """Serves a folder (MiniWoB++'s html/ by default) on 127.0.0.1 at a free port, in a daemon thread."""
 
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root or MINIWOB_HTML)
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=self.root))
+        self._httpd = _QuietServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=self.root))
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True, name="task-server")
         self._thread.start()
         self.base = f"http://127.0.0.1:{self._httpd.server_address[1]}/"

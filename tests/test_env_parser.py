@@ -167,3 +167,15 @@ def test_screenshot_store_deduplicates_and_frees():
     with pytest.raises(KeyError):
         store.get(a)
     assert store.free("ep2") == 1000 and store.nbytes == 0 and store.free("ep2") == 0
+
+
+def test_task_server_is_quiet_when_a_page_hangs_up_but_not_on_real_errors(capsys):
+    """A browser page closed mid-download (BrokenPipe) is routine: no traceback in the training log. Other
+    errors in a request still print."""
+    with env.TaskServer() as server:
+        for error, printed in ((BrokenPipeError(32, "Broken pipe"), False), (ValueError("bug"), True)):
+            try:
+                raise error
+            except Exception:
+                server._httpd.handle_error(None, ("127.0.0.1", 1))
+            assert (type(error).__name__ in capsys.readouterr().err) == printed
