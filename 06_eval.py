@@ -159,20 +159,21 @@ def select_tasks(split: str, names: str, agent: str) -> list:
 
 def run_eval(args) -> dict:
     tasks = select_tasks(args.split, args.tasks, args.agent)
-    horizon = args.max_steps or (resolve_model(args.target)[1].get("max_steps", 0) if args.agent == "model" else 0)
+    # resolved once, before the episodes: a training run's "latest" may move on while they play
+    model_dir, run_cfg = resolve_model(args.target) if args.agent == "model" else (None, {})
+    horizon = args.max_steps or run_cfg.get("max_steps", 0)
     if horizon:  # the horizon the policy was trained with (05's --max-steps), unless --max-steps says otherwise
         tasks = [dataclasses.replace(t, max_steps=horizon) for t in tasks]
     if not tasks:
         raise ValueError(f"no tasks to evaluate (split={args.split!r}, tasks={args.tasks!r}, agent={args.agent})")
     store = env.ScreenshotStore()
     if args.agent == "model":
-        agent, name = model_agent(args.target, store, args.temperature), str(args.target)
+        agent, name = model_agent(model_dir, store, args.temperature), str(args.target)
     else:
         agent, name = (OracleAgent() if args.agent == "oracle" else RandomAgent(args.seed)), args.agent
     records = evaluate(agent, tasks, args.episodes, store, args.workers, label=f"eval {name}")
     mode = "scripted" if args.agent != "model" else "greedy" if args.temperature == 0 else f"T={args.temperature:g}"
-    model = str(resolve_model(args.target)[0]) if args.agent == "model" else None  # a run's "latest" moves on
-    result = dict(target=name, model=model, agent=args.agent, split=args.split if not args.tasks else "tasks", mode=mode,
+    result = dict(target=name, model=model_dir and str(model_dir), agent=args.agent, split=args.split if not args.tasks else "tasks", mode=mode,
                   episodes_per_task=args.episodes, max_steps=horizon or "task's own", **table(records), records=records)
     print(format_table(result, f"{name} ({args.agent}, {mode}) on {result['split']}: {len(tasks)} tasks x "
                                f"{args.episodes} episodes"))

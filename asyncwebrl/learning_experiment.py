@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -57,10 +58,13 @@ def latest_version(run: Path) -> int | None:
     return int(latest.read_text().strip().lstrip("v")) if latest.is_file() else None
 
 
+def wall_s(run: Path) -> float:
+    """Wall-clock seconds of all of a run's updates so far (its `done` file; 0 before it first finished)."""
+    return float((run / "done").read_text().split()[0]) if (run / "done").is_file() else 0.0
+
+
 def copy_runs(source: Path, out: Path, names: list[str]) -> None:
     """Start from an earlier experiment: its warm start (with its evaluations) and runs (checkpoints, logs)."""
-    import shutil
-
     for name in names:
         if (source / name).is_dir() and not (out / name).exists():
             print(f"copy {source / name} -> {out / name}", flush=True)
@@ -73,8 +77,6 @@ LOG_FILES = ("config.json", "metrics.jsonl", "done", "eval-*.json", "stats.json"
 def export_logs(out: Path, dirs: list[Path]) -> list[Path]:
     """Copy the small logs (configs, metrics, evaluation tables; no weights, no screenshots) to figures/logs/<out>, so
     the figures and the README's numbers can be checked from the repository alone. Returns the copied run dirs."""
-    import shutil
-
     dest = ROOT / "figures" / "logs" / out.name
     for pattern in LOG_FILES:
         for f in out.rglob(pattern):
@@ -118,14 +120,14 @@ def main(argv=None) -> int:
     for name, seed, flags in runs:
         run = args.out / name
         if latest_version(run) != updates or not (run / "done").is_file():
-            t0, before = time.time(), (run / "done").read_text().split()[0] if (run / "done").is_file() else 0
+            t0, before = time.time(), wall_s(run)
             for stale in run.glob("eval-*.json"):  # they describe an earlier checkpoint
                 stale.unlink()
             sh([str(train), "--preset", "tiny-learn", "--warmstart-steps", "0", "--model", str(ws_model),
                 "--seed", str(seed), "--run-dir", str(run), *flags, "--updates", str(updates),
                 *(["--resume", str(run)] if (run / "config.json").is_file() else [])])
-            (run / "done").write_text(f"{float(before) + time.time() - t0:.0f} s\n")  # wall-clock of all updates
-        row = dict(updates=latest_version(run), wall_s=float((run / "done").read_text().split()[0]),
+            (run / "done").write_text(f"{before + time.time() - t0:.0f} s\n")
+        row = dict(updates=latest_version(run), wall_s=wall_s(run),
                    train=evaluate_both(run, args.episodes, learn_tasks))
         if name.startswith("const-async"):
             row["test"] = evaluate(run, "test", args.test_episodes)
