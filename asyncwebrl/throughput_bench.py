@@ -2,11 +2,17 @@
 adaptations ablated, rollout alone and training alone, measured one after the other on this machine.
 
 Every variant starts from the same weights, the same tasks and the same seed, and runs the same number of updates
-(B x G trajectories each). Writes figures/throughput.json and figures/throughput.png.
+(B x G trajectories each). Dynamic sampling is off here: with it, how many groups are rejected (all rewards equal)
+depends on the policy's luck, and trained samples/s swung 2x between repeats of one variant; without it every
+finished group is trained, so the benchmark times the pipeline, not the rejection lottery. Each repeat runs every
+variant once; ratios (vs sync, overlap efficiency) are taken within a repeat and their median is reported.
+Writes figures/throughput.json and figures/throughput.png.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -73,9 +79,11 @@ def _timed_run(cfg, pcfg, tasks, name, keep_batch=False, no_training=False, **ov
 
 def compare_sync(cfg: TrainConfig, out: Path = ROOT / "figures", repeats: int = 1) -> dict:
     """Each repeat runs every variant once, one after the other (side by side in time, so they share the
-    machine's state); the table takes each variant's median run, the speed-up the median of paired ratios."""
-    import statistics
-
+    machine's state). Per variant: the median run's samples/s and, against sync, the median of the ratios taken
+    within each repeat (paired: a slow repeat slows both sides)."""
+    if cfg.dynamic_sampling:
+        print("compare-sync: dynamic sampling off (trained samples/s would measure how many groups were rejected)")
+        cfg = dataclasses.replace(cfg, dynamic_sampling=False)
     place = placement(cfg)
     tasks, pcfg = load_tasks(cfg), policy_config(cfg, place)
     runs = {name: [] for name, _ in VARIANTS + [("rollout only", {})]}
@@ -99,24 +107,31 @@ def compare_sync(cfg: TrainConfig, out: Path = ROOT / "figures", repeats: int = 
     def median_run(rs):
         return sorted(rs, key=lambda r: r["samples_per_s"])[len(rs) // 2]
 
+    def paired(xs, ys):  # per-repeat ratios x / y
+        return [round(x / y, 3) for x, y in zip(xs, ys)]
+
+    sps = {name: [r["samples_per_s"] for r in rs] for name, rs in runs.items()}
     results = [median_run(runs[name]) for name, _ in VARIANTS]
     for r in results:
-        r["samples_per_s_runs"] = [x["samples_per_s"] for x in runs[r["name"]]]
+        r["samples_per_s_runs"] = sps[r["name"]]
+        r["vs_sync_runs"] = paired(sps[r["name"]], sps["sync"])
+        r["vs_sync"] = statistics.median(r["vs_sync_runs"])
     by = {r["name"]: r for r in results}
-    rollout_sps, train_sps = median_run(runs["rollout only"])["samples_per_s"], statistics.median(train_sps)
-    speedup = statistics.median(a["samples_per_s"] / b["samples_per_s"]
-                                for a, b in zip(runs["async (full)"], runs["sync"]))
+    rollout_sps, train_sps_median = median_run(runs["rollout only"])["samples_per_s"], statistics.median(train_sps)
+    # overlap efficiency = async / the slower stage alone, within each repeat (1.0: the slower stage never waits)
+    overlap = paired(sps["async (full)"], [min(a, b) for a, b in zip(sps["rollout only"], train_sps)])
     summary = dict(
         machine=f"{place['rollout']} / {place['trainer']}, {torch.get_num_threads()} torch threads",
         config={k: getattr(cfg, k) for k in ("updates", "workers", "group_size", "batch_groups", "max_steps",
                                                "tasks", "max_staleness", "dynamic_sampling")},
         commit=_git_commit(), repeats=repeats,
-        speedup_async_over_sync=round(speedup, 3),
-        rollout_only_samples_per_s=rollout_sps, train_only_samples_per_s=round(train_sps, 4),
-        overlap_efficiency=round(by["async (full)"]["samples_per_s"] / min(rollout_sps, train_sps), 3),
+        speedup_async_over_sync=by["async (full)"]["vs_sync"],
+        speedup_async_over_sync_runs=by["async (full)"]["vs_sync_runs"],
+        rollout_only_samples_per_s=rollout_sps, train_only_samples_per_s=round(train_sps_median, 4),
+        overlap_efficiency=statistics.median(overlap), overlap_efficiency_runs=overlap,
         ablation=[{k: r[k] for k in ("name", "wall_s", "samples", "trajectories", "samples_per_s",
-                                     "samples_per_s_runs", "end_to_end_samples_per_s", "trajectories_per_s",
-                                     "utilisation", "dropped_stale")} for r in results],
+                                     "samples_per_s_runs", "vs_sync", "vs_sync_runs", "end_to_end_samples_per_s",
+                                     "trajectories_per_s", "utilisation", "dropped_stale")} for r in results],
         timelines={r["name"]: r["spans"] for r in results if r["name"] in ("sync", "async (full)")})
     out.mkdir(parents=True, exist_ok=True)
     (out / "throughput.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -124,11 +139,12 @@ def compare_sync(cfg: TrainConfig, out: Path = ROOT / "figures", repeats: int = 
     print(f"\n{'variant':30s} {'samples/s':>10s} {'end-to-end':>11s} {'traj/s':>8s} {'vs sync':>8s}  utilisation")
     for r in summary["ablation"]:
         print(f"{r['name']:30s} {r['samples_per_s']:10.3f} {r['end_to_end_samples_per_s']:11.3f} "
-              f"{r['trajectories_per_s']:8.3f} {r['samples_per_s'] / by['sync']['samples_per_s']:7.2f}x  "
-              f"{r['utilisation']}")
+              f"{r['trajectories_per_s']:8.3f} {r['vs_sync']:7.2f}x  {r['utilisation']}")
     print(f"rollout only {summary['rollout_only_samples_per_s']:.3f} samples/s, train only "
           f"{summary['train_only_samples_per_s']:.3f} samples/s; overlap efficiency "
           f"{summary['overlap_efficiency']:.2f} (1.0 = the slower stage never waits)")
+    if repeats > 1:
+        print(f"per repeat: async/sync {summary['speedup_async_over_sync_runs']}, overlap {overlap}")
     print(f"wrote {out / 'throughput.json'} and {out / 'throughput.png'}")
     return summary
 
@@ -145,12 +161,16 @@ def throughput_figure(summary: dict, path: Path) -> None:
     rows = summary["ablation"]
     names = [r["name"] for r in rows]
     palette = ["tab:blue", "tab:orange", "tab:green", "tab:red"]  # the same colour per variant in both panels
-    bars.barh(names, [r["samples_per_s"] for r in rows], color=palette)
+    mid = [r["samples_per_s"] for r in rows]
+    spread = [r.get("samples_per_s_runs", [m]) for r, m in zip(rows, mid)]  # the repeats' range as whiskers
+    bars.barh(names, mid, color=palette, xerr=[[m - min(s) for m, s in zip(mid, spread)],
+                                               [max(s) - m for m, s in zip(mid, spread)]], capsize=3)
     bars.axvline(summary["rollout_only_samples_per_s"], color="k", ls=":", label="rollout alone")
     bars.axvline(summary["train_only_samples_per_s"], color="r", ls="--", label="training alone")
     bars.set_xlabel("trained samples (replies) per second, steady state (after the first update)")
     bars.set_title(f"Throughput: async {summary['speedup_async_over_sync']:.2f}x sync, overlap efficiency "
-                   f"{summary['overlap_efficiency']:.2f}\n(median of {summary.get('repeats', 1)} run(s) per variant)",
+                   f"{summary['overlap_efficiency']:.2f}\n(medians of {summary.get('repeats', 1)} repeat(s), ratios paired "
+                   "within a repeat; whiskers: min-max)",
                    fontsize=10)
     bars.legend(fontsize=8)
     comps = ["env", "inference", "trainer"]

@@ -141,6 +141,7 @@ def test_compare_sync_writes_the_benchmark_json_and_figure(tmp_path):
     assert saved["overlap_efficiency"] == pytest.approx(by["async (full)"]["samples_per_s"] / slower, rel=1e-2)
     assert all(r["trajectories"] == 2 * 2 for r in saved["ablation"])  # same trained work in every variant
     assert set(saved["timelines"]) == {"sync", "async (full)"} and summary["commit"]
+    assert saved["config"]["dynamic_sampling"] is False and by["sync"]["vs_sync"] == 1.0  # the pipeline, not luck
 
 
 @pytest.mark.slow
