@@ -108,9 +108,10 @@ class TrainConfig:
 PRESETS = {
     "tiny": {},  # the dataclass defaults: a laptop CPU, a few minutes
     # issue 8's recipe: warm start (behaviour cloning) then RL on tasks a tiny model can learn on 2 cores
-    # horizon 4 = about twice the optimal 1-3 steps (the paper: k = 10 for ~5-step successes), k = the horizon
+    # horizon 4 = about twice the optimal 1-3 steps (the paper: k = 10 for ~5-step successes), k = the horizon;
+    # 72 updates: 15-19 min of RL on 2 cores here, the most that fits issue 8's 30 minutes with the warm start
     "tiny-learn": dict(tasks=LEARN_TASKS, warmstart_steps=60, warmstart_episodes=160, max_steps=4, k=4.0,
-                       batch_groups=4, epochs=2, minibatches=2, lr=1e-4, updates=24, checkpoint_every=8,
+                       batch_groups=4, epochs=2, minibatches=2, lr=1e-4, updates=72, checkpoint_every=8,
                        keep_checkpoints=4),
     "paper": dict(model=policy_mod.PAPER_MODEL, engine="vllm", tasks="all", group_size=8, batch_groups=16,
                   epochs=3, minibatches=2, lr=5e-6, images=2, max_new_tokens=512, constrained="off", workers=128,
