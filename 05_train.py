@@ -255,7 +255,10 @@ def placement(cfg: TrainConfig, gpus: int | None = None) -> dict:
     if not 1 <= n_rollout < gpus:
         raise UsageError(f"--rollout-gpus {n_rollout} must leave at least one of the {gpus} GPUs to the trainer")
     roll, train = list(range(n_rollout)), list(range(n_rollout, gpus))
-    return dict(gpus=gpus, rollout=f"{cfg.engine} engine(s) on cuda:{roll[0]}..{roll[-1]} ({n_rollout} GPUs)",
+    # what is built today: one engine, on the first rollout GPU (an engine per GPU, or one tensor-parallel over them,
+    # is not written yet: it could not be run here without a GPU); the rest of the rollout GPUs stay idle
+    idle = f" ({n_rollout} rollout GPUs, cuda:0..{roll[-1]}; only cuda:0 is used so far)" if n_rollout > 1 else ""
+    return dict(gpus=gpus, rollout=f"{cfg.engine}: one engine on cuda:0{idle}",
                 trainer=f"FSDP2 over cuda:{train[0]}..{train[-1]} ({len(train)} GPUs, torch.distributed)",
                 rollout_devices=roll, trainer_devices=train, trainer_procs=len(train))
 
