@@ -461,7 +461,8 @@ class Policy(_Prompter):
         width = max(len(r) for r in responses)
         # position p predicts token p+1: the LM head is applied only at the positions just before each response
         # token (a full [S, L, V] logits tensor would dwarf everything for a 151k vocabulary). One call of the
-        # whole model, so that wrappers such as FSDP2 see an ordinary forward.
+        # whole model, so that wrappers such as FSDP2 see an ordinary forward. A 2-D logits_to_keep (one row of
+        # positions per sample) needs transformers >= 5.21.
         start = resp.float().argmax(1)  # first response column of each row (right padding)
         cols = (start[:, None] - 1 + torch.arange(width, device=self.device)).clamp(max=resp.shape[1] - 1)
         logits = self.model(**batch, logits_to_keep=cols).logits.float() / self.cfg.temperature

@@ -556,8 +556,9 @@ class Learner:
         import torch.distributed as dist
 
         keys = sorted(k for k in metrics if k not in ("iw_max", "degenerate_groups", "grad_norm"))
-        total = torch.tensor([metrics.get(k, 0.0) for k in keys], dtype=torch.float64)
-        peak = torch.tensor([metrics.get("iw_max", 0.0)], dtype=torch.float64)
+        on = dict(dtype=torch.float64, device=self.policy.device)  # NCCL reduces CUDA tensors only
+        total = torch.tensor([metrics.get(k, 0.0) for k in keys], **on)
+        peak = torch.tensor([metrics.get("iw_max", 0.0)], **on)
         dist.all_reduce(total)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         return {**metrics, **dict(zip(keys, total.tolist())), "iw_max": float(peak)}

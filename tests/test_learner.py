@@ -59,7 +59,7 @@ def test_micro_batching_gives_the_same_gradient_step(tiny_dir, shot_store):
     weights = []
     for micro in (1, 16):
         torch.manual_seed(0)
-        p = pol.Policy(pol.PolicyConfig(model=str(tiny_dir)))
+        p = pol.Policy(pol.PolicyConfig(model=str(tiny_dir), dtype="float32"))  # fp32 on a GPU too: exact sums
         learner = aloop.Learner(p, shot_store, cfg=aloop.LearnerConfig(micro_batch=micro, grad_clip=1e9))
         learner.optimizer = torch.optim.SGD(p.model.parameters(), lr=1.0)  # step = -gradient: compare gradients
         start = p.model.get_input_embeddings().weight.detach().clone()
