@@ -20,9 +20,10 @@ def long_tail(short, long, p_long):
 
 
 class FakeEnvs:
-    def __init__(self, store, length=constant(3), step_s=0.002, p_success=0.5, fail_every=0):
+    def __init__(self, store, length=constant(3), step_s=0.002, p_success=0.5, fail_every=0, jpeg=None):
         self.store, self.length, self.step_s, self.p_success, self.fail_every = store, length, step_s, p_success, \
             fail_every
+        self.jpeg = jpeg  # a real screenshot (JPEG bytes) for a real policy; None: a few bytes that only fakes read
         self.slots, self.resets, self.started, self.closed = [], 0, False, False
 
     async def start(self):
@@ -42,8 +43,11 @@ class FakeEnv:
         self.owner, self.i, self.closed = owner, i, False
 
     def _obs(self):
-        key = self.owner.store.put(self.episode, f"{self.episode}/{self.t}".encode())
-        return env.Observation(goal=f"goal {self.task.id}", url="fake://", screenshot=key, step=self.t)
+        shot = self.owner.jpeg or f"{self.episode}/{self.t}".encode()
+        key = self.owner.store.put(self.episode, shot)
+        marks = (env.Element(0, "button", "OK", (1.0, 1.0, 9.0, 9.0)),) if self.owner.jpeg else ()
+        return env.Observation(goal=f"goal {self.task.id}", url="fake://", screenshot=key, step=self.t,
+                               elements=marks)
 
     async def reset(self, task, seed, episode):
         o = self.owner

@@ -1,5 +1,6 @@
 """04_async_loop with fakes (fast, no browser): the ledger, staleness, versions, sync mode, back-pressure, worker
-restarts, clean shutdown, and the long-tail throughput gap; then one short real run of each mode."""
+restarts, clean shutdown, and the long-tail throughput gap; the real tiny policy and learner behind fake envs; then
+one short real run of each mode (browser)."""
 import _thread
 import signal
 import statistics
@@ -7,6 +8,7 @@ import threading
 import time
 
 import pytest
+import torch
 from fakes import FakeEnvs, FakeLearner, FakeSampler, constant, long_tail
 
 from asyncwebrl import load
@@ -26,6 +28,28 @@ def make_loop(store=None, envs=None, sampler=None, train_s=0.01, **cfg):
     loop = aloop.Loop(aloop.LoopConfig(**cfg), envs, sampler, learner, TASKS, store)
     learner.loop = loop
     return loop, learner, envs, sampler, store
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_the_real_policy_and_learner_train_through_the_loop(mode, tiny_dir, shot_store):
+    """The real tiny policy, sampler and learner (on a GPU when there is one: bf16) behind fake envs that serve a
+    real JPEG: every update is trained, the sampler follows the trainer's version, and the weights move."""
+    pol = load("02_policy")
+    jpeg = shot_store.get("ep:0")
+    store = env.ScreenshotStore()
+    c = pol.PolicyConfig(model=str(tiny_dir))
+    policy, sampler = pol.Policy(c), pol.HFSampler(c)
+    learner = aloop.Learner(policy, store)
+    start = [p.detach().clone() for p in policy.model.parameters()]
+    loop = aloop.Loop(aloop.LoopConfig(mode=mode, updates=2, workers=4, group_size=2, batch_groups=2,
+                                       dynamic_sampling=False),
+                      FakeEnvs(store, jpeg=jpeg), sampler, learner, TASKS, store)
+    history = loop.run()
+    assert [m["version"] for m in history] == [1, 2] and sampler.version == 2
+    assert all(m["trajectories"] == 4 and m["staleness_max"] <= (0 if mode == "sync" else 2) for m in history)
+    assert all(abs(m["iw_mean"] - 1) < 0.02 for m in history)  # behaviour ~ proximal: one version apart at most
+    assert any(not torch.equal(a, b) for a, b in zip(start, policy.model.parameters()))
 
 
 def test_every_trajectory_is_trained_once_or_counted():
