@@ -173,8 +173,9 @@ def run_eval(args) -> dict:
         agent, name = (OracleAgent() if args.agent == "oracle" else RandomAgent(args.seed)), args.agent
     records = evaluate(agent, tasks, args.episodes, store, args.workers, label=f"eval {name}")
     mode = "scripted" if args.agent != "model" else "greedy" if args.temperature == 0 else f"T={args.temperature:g}"
-    result = dict(target=name, model=model_dir and str(model_dir), agent=args.agent, split=args.split if not args.tasks else "tasks", mode=mode,
-                  episodes_per_task=args.episodes, max_steps=horizon or "task's own", **table(records), records=records)
+    result = dict(target=name, model=str(model_dir) if model_dir else None, agent=args.agent,
+                  split=args.split if not args.tasks else "tasks", mode=mode, episodes_per_task=args.episodes,
+                  max_steps=horizon or "task's own", **table(records), records=records)
     print(format_table(result, f"{name} ({args.agent}, {mode}) on {result['split']}: {len(tasks)} tasks x "
                                f"{args.episodes} episodes"))
     out = args.out or ((Path(args.target) if args.agent == "model" else ROOT / "figures")

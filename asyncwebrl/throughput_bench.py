@@ -169,8 +169,8 @@ def throughput_figure(summary: dict, path: Path) -> None:
     bars.axvline(summary["train_only_samples_per_s"], color="r", ls="--", label="training alone")
     bars.set_xlabel("trained samples (replies) per second, steady state (after the first update)")
     bars.set_title(f"Throughput: async {summary['speedup_async_over_sync']:.2f}x sync, overlap efficiency "
-                   f"{summary['overlap_efficiency']:.2f}\n(medians of {summary.get('repeats', 1)} repeat(s), ratios paired "
-                   "within a repeat; whiskers: min-max)",
+                   f"{summary['overlap_efficiency']:.2f}\n(medians of {summary.get('repeats', 1)} repeat(s), "
+                   "ratios paired within a repeat; whiskers: min-max)",
                    fontsize=10)
     bars.legend(fontsize=8)
     comps = ["env", "inference", "trainer"]
