@@ -245,6 +245,7 @@ class RolloutPool:
         self.trajectory_log: list[Trajectory] = []  # every finished trajectory, in order (tests, inspection)
         self.order: list = []  # tasks left in this round
         self.draining = False  # drain ablation: set by the trainer around a refresh
+        self.rejected_in_a_row = 0  # groups rejected since the last accepted one (a stalled loop says so)
 
     # -- scheduling ---------------------------------------------------------------------------------------------
     def _next_task(self):
@@ -356,9 +357,22 @@ class RolloutPool:
             self.stats.groups_rejected += 1
             self.stats.rejected += len(group.trajectories)
             free_group(self.store, group)
+            self._warn_if_stalled(rewards.pop())
             return
+        self.rejected_in_a_row = 0
         self.accepted += len(group.trajectories)
         self.buffer.put(by_value(group, self.store) if self.cfg.screenshots_by_value else group)
+
+    def _warn_if_stalled(self, reward: float) -> None:
+        """A policy that has become deterministic (e.g. a learning rate too high) writes the same reply G times, so
+        every group has equal rewards, dynamic sampling rejects them all and no update forms: say so, and again at
+        every doubling, instead of a progress bar that silently stops."""
+        self.rejected_in_a_row += 1
+        n, first = self.rejected_in_a_row, max(20, 10 * self.cfg.batch_groups)
+        if n >= first and n & (n - 1) == 0 or n == first:
+            print(f"[pool] the last {n} groups were rejected (each with equal rewards; the last one all {reward:g}): no update "
+                  f"can form. The policy may have stopped exploring (try a lower --lr) or the tasks are solved or "
+                  f"unsolvable for it; --no-dynamic-sampling trains on such groups anyway", flush=True)
 
     def _abandon(self, group: Group) -> None:
         if self.open.pop(group.id, None) is not None:

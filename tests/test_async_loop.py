@@ -175,6 +175,29 @@ def test_shutdown_is_clean_on_keyboard_interrupt():
     assert loop.version > 0  # it was really running
 
 
+def test_a_loop_whose_groups_are_all_rejected_says_so_instead_of_hanging_quietly(capsys):
+    """Every episode fails, so every group has equal rewards and dynamic sampling rejects it: no update can form.
+    The pool says so after 20 groups in a row (and at each doubling); the run is then stopped from outside."""
+    store = env.ScreenshotStore()
+    loop, learner, *_ = make_loop(store, envs=FakeEnvs(store, p_success=0.0), updates=2)
+    watchdog = threading.Timer(30, loop.stop.set)
+    watchdog.start()
+
+    def stop_at_40():
+        while loop.pool.rejected_in_a_row < 40 and not loop.stop.is_set():
+            time.sleep(0.01)
+        loop.stop.set()
+    threading.Thread(target=stop_at_40, daemon=True).start()
+    try:
+        loop.run()
+    finally:
+        watchdog.cancel()
+    out = capsys.readouterr().out
+    assert learner.batches == [] and loop.stats.groups_rejected >= 40
+    assert "the last 20 groups were rejected" in out and "the last 32 groups were rejected" in out
+    assert "the last 21 groups" not in out and "--no-dynamic-sampling" in out
+
+
 def test_batched_inference_serves_many_workers_per_call():
     loop, _, _, sampler, _ = make_loop(workers=8, updates=4)
     loop.run()
