@@ -51,11 +51,14 @@ def group_advantages(rewards: torch.Tensor, group: torch.Tensor, std_normalize: 
     rewards = rewards.double()
     _, inverse = torch.unique(group, return_inverse=True)
     n_groups = int(inverse.max()) + 1 if len(group) else 0
-    zeros = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device)  # on the rewards' device (GPU too)
-    count = zeros.clone().index_add_(0, inverse, torch.ones_like(rewards))
-    mean = zeros.clone().index_add_(0, inverse, rewards) / count
+
+    def per_group_sum(x):  # on x's device (GPU too)
+        return torch.zeros(n_groups, dtype=x.dtype, device=x.device).index_add_(0, inverse, x)
+
+    count = per_group_sum(torch.ones_like(rewards))
+    mean = per_group_sum(rewards) / count
     centred = rewards - mean[inverse]
-    var = zeros.clone().index_add_(0, inverse, centred**2) / count  # population
+    var = per_group_sum(centred**2) / count  # population
     degenerate = int((var == 0).sum())
     adv = centred / (var.sqrt()[inverse] + eps) if std_normalize else centred
     return adv, degenerate

@@ -369,10 +369,10 @@ class RolloutPool:
         every doubling, instead of a progress bar that silently stops."""
         self.rejected_in_a_row += 1
         n, first = self.rejected_in_a_row, max(20, 10 * self.cfg.batch_groups)
-        if n >= first and n & (n - 1) == 0 or n == first:
-            print(f"[pool] the last {n} groups were rejected (each with equal rewards; the last one all {reward:g}): no update "
-                  f"can form. The policy may have stopped exploring (try a lower --lr) or the tasks are solved or "
-                  f"unsolvable for it; --no-dynamic-sampling trains on such groups anyway", flush=True)
+        if n == first or (n > first and n & (n - 1) == 0):  # then at each power of two
+            print(f"[pool] the last {n} groups were rejected (each with equal rewards; the last one all {reward:g}): "
+                  f"no update can form. The policy may have stopped exploring (try a lower --lr) or the tasks are "
+                  f"solved or unsolvable for it; --no-dynamic-sampling trains on such groups anyway", flush=True)
 
     def _abandon(self, group: Group) -> None:
         if self.open.pop(group.id, None) is not None:
