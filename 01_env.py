@@ -27,7 +27,7 @@ import threading
 from dataclasses import dataclass, field
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urldefrag, urljoin, urlsplit
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tasks
@@ -111,6 +111,9 @@ def miniwob_tasks(split: str | None = None, names: list[str] | None = None) -> l
 
 # WebGym task files (JSONL, one task per line, or a JSON list): open-web tasks judged against a rubric of
 # "fact groups" ({"id", "description", "facts": [...]}). Difficulty = number of facts: <=3 easy, <=6 medium.
+# Shapes accepted as the released loader accepts them: the rubric as a list of fact groups, of {"description"}
+# items or of strings, or as one string (free text, or the JSON of such a list, as a table column stores it);
+# difficulty by the released rule `int(d) if d else 5` (a string or a float is read, 0 or null mean 5).
 class TaskFileError(ValueError):
     """A task file that cannot be used; the message names the file, the line and the field."""
 
@@ -119,55 +122,86 @@ def _difficulty(n_facts: int) -> str:
     return "easy" if n_facts <= 3 else "medium" if n_facts <= 6 else "hard"
 
 
-def _rubric(ref, where: str) -> tuple:
+def _rubric(ref) -> tuple:
+    if isinstance(ref, str) and ref.lstrip().startswith(("[", "{")):
+        try:
+            ref = json.loads(ref)  # a rubric stored as its JSON text
+        except (ValueError, RecursionError):
+            pass  # free text that happens to start with a bracket
     if isinstance(ref, str):  # legacy: one free-text criterion
-        return ((ref,),)
+        ref = [ref]
+    if isinstance(ref, dict):
+        ref = [ref]
     if not isinstance(ref, list) or not ref:
-        raise TaskFileError(f"{where}: field 'evaluator_reference': expected a non-empty list, got {ref!r:.60}")
+        raise ValueError(f"field 'evaluator_reference': expected a non-empty list, got {ref!r:.60}")
     groups = []
     for group in ref:
-        facts = group.get("facts") if isinstance(group, dict) else [group]
-        if not isinstance(facts, list) or not facts or not all(isinstance(f, str) for f in facts):
-            raise TaskFileError(f"{where}: field 'evaluator_reference': bad fact group {group!r:.60}")
+        if isinstance(group, dict):
+            facts = group["facts"] if "facts" in group else [group.get("description")]
+        else:
+            facts = [group]
+        if not isinstance(facts, list) or not facts or not all(isinstance(f, str) and f.strip() for f in facts):
+            raise ValueError(f"field 'evaluator_reference': bad fact group {group!r:.60}")
         groups.append(tuple(facts))
     return tuple(groups)
 
 
-def load_webgym_tasks(path: str | Path, split: str | None = None, judge: str = "rubric_keywords") -> list[Task]:
+def _task_row(row, lineno: int, split: str, judge: str) -> Task:
+    """One row of a task file as a Task; ValueError says what is wrong with it."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    for name in ("task_name", "website"):
+        if not isinstance(row.get(name), str) or not row[name].strip():
+            raise ValueError(f"field {name!r}: expected a non-empty string, got {row.get(name)!r:.60}")
+    if "evaluator_reference" not in row:
+        raise ValueError("field 'evaluator_reference' is missing")
+    rubric = _rubric(row["evaluator_reference"])
+    d = row.get("difficulty")
+    try:
+        n_facts = int(d) if d else 5  # the released rule; WebGym's default for a task without one: medium
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"field 'difficulty': expected a number of facts, got {d!r:.60}") from None
+    url = row["website"] if "://" in row["website"] else "https://" + row["website"]
+    diff = _difficulty(n_facts)
+    horizon = {"train": HORIZON, "test": {"easy": 30, "medium": 50, "hard": 70}}[split]
+    return Task(id=f"webgym/{row.get('task_id', lineno)}", url=url, goal=row["task_name"], judge=judge,
+                difficulty=diff, split=split, family=urlsplit(url).hostname or url, max_steps=horizon[diff],
+                rubric=rubric)
+
+
+def load_webgym_tasks(path: str | Path, split: str | None = None, judge: str = "rubric_keywords",
+                      strict: bool = False, warn=None) -> list[Task]:
     """Read a WebGym task file. `split` defaults to "test" if the file name says so (test tasks are on
-    websites never seen in training), else "train". `judge` names the rubric judge in JUDGES."""
+    websites never seen in training), else "train". `judge` names the rubric judge in JUDGES. A bad row is
+    reported (`warn(message)`, default: a line on stderr) and skipped; `strict` makes it an error instead, and a
+    file where no row loads is always one."""
     path = Path(path)
     split = split or ("test" if "test" in path.name else "train")
-    horizon = {"train": HORIZON, "test": {"easy": 30, "medium": 50, "hard": 70}}[split]
+    warn = warn or (lambda message: print(message, file=sys.stderr))
     try:
         text = path.read_text()
-        rows = json.loads(text) if text.lstrip().startswith("[") else [
-            json.loads(line) if line.strip() else None for line in text.splitlines()]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TaskFileError(f"{path}: cannot read tasks: {e}") from None
-    tasks = []
-    for lineno, row in enumerate(rows, 1):
-        if row is None:
-            continue
-        where = f"{path}:{lineno}"
-        if not isinstance(row, dict):
-            raise TaskFileError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        for name in ("task_name", "website"):
-            if not isinstance(row.get(name), str) or not row[name].strip():
-                raise TaskFileError(f"{where}: field {name!r}: expected a non-empty string, got {row.get(name)!r}")
-        if "evaluator_reference" not in row:
-            raise TaskFileError(f"{where}: field 'evaluator_reference' is missing")
-        rubric = _rubric(row["evaluator_reference"], where)
-        n_facts = row.get("difficulty", 5)  # WebGym's default for a task without difficulty: medium
-        if not isinstance(n_facts, int) or isinstance(n_facts, bool) or n_facts < 1:
-            raise TaskFileError(f"{where}: field 'difficulty': expected a positive integer, got {n_facts!r}")
-        url = row["website"] if "://" in row["website"] else "https://" + row["website"]
-        diff = _difficulty(n_facts)
-        tasks.append(Task(id=f"webgym/{row.get('task_id', lineno)}", url=url, goal=row["task_name"], judge=judge,
-                          difficulty=diff, split=split, family=urlsplit(url).hostname or url,
-                          max_steps=horizon[diff], rubric=rubric))
+        if text.lstrip().startswith("["):
+            rows = list(enumerate(json.loads(text), 1))
+        else:
+            rows = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise TaskFileError(f"{path}: cannot read tasks: {type(e).__name__}: {str(e)[:200]}") from None
+    tasks, bad = [], 0
+    for lineno, row in rows:
+        try:
+            if isinstance(row, str):
+                row = json.loads(row)
+            tasks.append(_task_row(row, lineno, split, judge))
+        except (ValueError, RecursionError) as e:
+            message = f"{path}:{lineno}: {type(e).__name__ + ': ' if isinstance(e, RecursionError) else ''}{e}"
+            if strict:
+                raise TaskFileError(message) from None
+            bad += 1
+            warn(f"{message} (row skipped)")
     if not tasks:
-        raise TaskFileError(f"{path}: no tasks in file")
+        raise TaskFileError(f"{path}: no tasks in file" + (f" ({bad} bad rows)" if bad else ""))
+    if bad:
+        warn(f"{path}: {len(tasks)} tasks loaded, {bad} bad rows skipped")
     return tasks
 
 
@@ -228,7 +262,8 @@ class ActionParseError(ValueError):
 
 
 _CALL = re.compile(r"\s*([a-z_]+)\s*\((.*)\)\s*", re.DOTALL)
-_ARG = re.compile(r'\s*(?:#(\d+)|(-?\d+)|("(?:[^"\\\n]|\\.)*")|([a-z]+))\s*(,|$)', re.DOTALL)
+_ARG = re.compile(r'\s*(?:#([0-9]+)|(-?[0-9]+)|("(?:[^"\\\n]|\\.)*")|([a-z]+))\s*(,|$)', re.DOTALL)
+MAX_DIGITS = 6  # a mark or a coordinate has at most this many digits (int() of thousands of digits raises)
 _SIGNATURES = {"click": ["m", "ii"], "type": ["ms", "s"], "press": ["s"], "scroll": ["w"], "go_back": [""],
                "answer": ["s"]}
 
@@ -249,8 +284,10 @@ def parse_action(text: str) -> Action:
         if m is None:
             raise ActionParseError("syntax", f"cannot read the arguments of {name}: {rest[:80]!r}")
         mark, num, string, word, sep = m.groups()
+        if len((mark or num or "").lstrip("-")) > MAX_DIGITS:
+            raise ActionParseError("out_of_range", f"a number of more than {MAX_DIGITS} digits in {name}(...)")
         if string is not None:
-            string = json.loads(string)  # a JSON string literal: safe, no evaluation
+            string = _json_string(string)
         args.append(int(mark) if mark else int(num) if num else string if string is not None else word)
         sig += "m" if mark else "i" if num else "s" if string is not None else "w"
         pos = m.end()
@@ -262,6 +299,18 @@ def parse_action(text: str) -> Action:
         raise ActionParseError("bad_arguments", f"{name} takes ({' or '.join(_SIGNATURES[name]) or 'nothing'}) "
                                                 f"(m=#mark, i=int, s=\"string\", w=word), got ({sig})")
     return _checked(name, sig, args)
+
+
+def _json_string(literal: str) -> str:
+    """A JSON string literal (safe, no evaluation); a bad escape, a raw control character or a lone surrogate
+    (which no browser can type) is the model's error, not ours."""
+    try:
+        text = json.loads(literal)
+    except ValueError as e:
+        raise ActionParseError("bad_arguments", f"not a valid JSON string ({e.msg}): {literal[:40]!r}") from None
+    if any("\ud800" <= c <= "\udfff" for c in text):
+        raise ActionParseError("bad_arguments", "a string with a lone surrogate (\\ud800-\\udfff)")
+    return text
 
 
 def _checked(name: str, sig: str, args: list) -> Action:
@@ -447,7 +496,17 @@ _ELEMENTS_JS = """([clip, limit]) => {
   const kept = found.filter(f => !found.some(g => g !== f && f.el.contains(g.el) && g.text === f.text));
   return kept.slice(0, limit).map(({el, ...rest}) => rest);
 }"""
-_START_JS = """seed => { Math.seedrandom(seed); core.EPISODE_MAX_TIME = 1e9; core.startEpisodeReal(); }"""
+# MiniWoB++: seed and (re)start the page's episode (no reload needed). Every page: the key of the history entry the
+# episode starts on (the Navigation API: each entry has a key, and entries() lists this origin's entries in order).
+_START_JS = """([seed]) => {
+  if (seed !== null) { Math.seedrandom(seed); core.EPISODE_MAX_TIME = 1e9; core.startEpisodeReal(); }
+  return window.navigation ? navigation.currentEntry.key : null;
+}"""
+_CAN_GO_BACK_JS = """first => {
+  if (!window.navigation) return history.length > 1;
+  const i = navigation.entries().findIndex(e => e.key === first);  // -1: the episode has moved to another origin
+  return navigation.canGoBack && i < navigation.currentEntry.index;
+}"""
 _STATUS_JS = """() => {
   if (typeof core === 'undefined') return null;  // not a MiniWoB++ page
   let goal = core.getUtterance(); if (typeof goal !== 'string') goal = goal.utterance;
@@ -512,6 +571,7 @@ class BrowserEnv:
         self.goal, self.t, self.done = "", 0, True
         self.last_obs: Observation | None = None
         self._answer: str | None = None  # set by an answer(...) action: the episode ends after this step
+        self._first_entry: str | None = None  # the history entry the episode started on: go_back() stops there
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def _allowed(self, url: str) -> bool:
@@ -529,6 +589,11 @@ class BrowserEnv:
             if route.request.is_navigation_request() and route.request.frame == self._page.main_frame:
                 self._left_to = route.request.url  # the agent tried to leave: the episode ends after this step
             await route.abort("blockedbyclient")
+
+    def _on_task_page(self) -> bool:
+        """A MiniWoB++ reward is read from the page's own script: it counts only on this task's page."""
+        task_url = urljoin(self.base, self.task.url)
+        return self.task.judge != "miniwob" or urldefrag(self._page.url).url == task_url
 
     def _viewport(self) -> tuple[int, int]:
         return MINIWOB_VIEWPORT if self.task.judge == "miniwob" else self.config.viewport
@@ -580,8 +645,8 @@ class BrowserEnv:
             await self._page.set_viewport_size({"width": w, "height": h})
         if self._page.url != url:
             await self._page.goto(url)
-        if task.judge == "miniwob":  # startEpisodeReal() also restarts an unfinished episode: no reload needed
-            await self._page.evaluate(_START_JS, seed)
+        # a reused page keeps the history of earlier episodes (other tasks too): remember where this one starts
+        self._first_entry = await self._page.evaluate(_START_JS, [seed if task.judge == "miniwob" else None])
         self.goal = task.goal
         self.last_obs, _ = await self._observe()
         return self.last_obs
@@ -657,7 +722,9 @@ class BrowserEnv:
             await page.keyboard.press(" " if a.text == "Space" else a.text)
         elif a.kind == "scroll":
             await page.mouse.wheel(0, self._clip()[3] * (1 if a.text == "down" else -1))
-        elif a.kind == "go_back":
+        elif a.kind == "go_back":  # never past the episode's first page: that would be another episode's page
+            if not await page.evaluate(_CAN_GO_BACK_JS, self._first_entry):
+                return "no earlier page in this episode"
             await page.go_back()
         elif a.kind == "answer":
             self._answer = a.text
@@ -673,7 +740,7 @@ class BrowserEnv:
                 raise
             await self._page.wait_for_load_state()
             self.last_obs, status = await self._observe(error)
-        if self._left_to or not self._allowed(self._page.url):
+        if self._left_to or not self._allowed(self._page.url) or not self._on_task_page():
             raise EpisodeEnd("blocked_navigation")
         if status is not None:
             info["raw_reward"] = status["raw"]

@@ -36,6 +36,8 @@ class LossConfig:
     normalizer: str = "const"  # "const": A = r_hat / k (paper); "traj": A = r_hat / |tau_i| (usual GRPO)
     k: float = 10.0  # the Easy training horizon, as in the paper
     std_normalize: bool = True  # r_hat = (r - mean) / (std + eps); False: r_hat = r - mean ("mean-only")
+    std: str = "unbiased"  # the group std: "unbiased" (1/(G-1), torch.std's default, as the released code) or
+    # "population" (1/G, as the paper's docs write it); for G = 8 the two differ by sqrt(8/7), 7%
     adv_eps: float = 1e-5
     decoupled: bool = True  # clip pi_theta / pi_prox and weight by pi_prox / pi_behave; False: clip pi_theta / pi_behave
     eps_clip: float = 0.2
@@ -45,9 +47,13 @@ class LossConfig:
     token_agg: str = "batch"  # "batch": mean over all reply tokens (released code); "step": per-step token mean
 
 
-def group_advantages(rewards: torch.Tensor, group: torch.Tensor, std_normalize: bool = True, eps: float = 1e-5):
-    """r_hat_i = (r_i - mean_g(r)) / (std_g(r) + eps), population std over the G trajectories of group g.
-    Returns (r_hat [N], number of groups whose rewards are all equal: they carry zero advantage)."""
+def group_advantages(rewards: torch.Tensor, group: torch.Tensor, std_normalize: bool = True, eps: float = 1e-5,
+                     std: str = "unbiased"):
+    """r_hat_i = (r_i - mean_g(r)) / (std_g(r) + eps), the std over the G trajectories of group g taken with
+    1/(G-1) ("unbiased") or 1/G ("population"). Returns (r_hat [N], number of groups whose rewards are all equal:
+    they carry zero advantage)."""
+    if std not in ("unbiased", "population"):
+        raise ValueError(f"std must be 'unbiased' or 'population', got {std!r}")
     rewards = rewards.double()
     _, inverse = torch.unique(group, return_inverse=True)
     n_groups = int(inverse.max()) + 1 if len(group) else 0
@@ -58,7 +64,7 @@ def group_advantages(rewards: torch.Tensor, group: torch.Tensor, std_normalize: 
     count = per_group_sum(torch.ones_like(rewards))
     mean = per_group_sum(rewards) / count
     centred = rewards - mean[inverse]
-    var = per_group_sum(centred**2) / count  # population
+    var = per_group_sum(centred**2) / ((count - 1).clamp(min=1) if std == "unbiased" else count)
     degenerate = int((var == 0).sum())
     adv = centred / (var.sqrt()[inverse] + eps) if std_normalize else centred
     return adv, degenerate
@@ -107,7 +113,7 @@ def grpo_loss(logp, prox_logp, behave_logp, mask, step_traj, traj_reward, traj_g
     n_tokens: the global token count |T| to divide by (default: this call's mask sum; pass the whole batch's when
     splitting it into minibatches). Returns (scalar loss, dict of float metrics)."""
     mask = mask.to(logp.dtype)
-    r_hat, degenerate = group_advantages(traj_reward, traj_group, cfg.std_normalize, cfg.adv_eps)
+    r_hat, degenerate = group_advantages(traj_reward, traj_group, cfg.std_normalize, cfg.adv_eps, cfg.std)
     step_adv = step_advantages(r_hat, traj_steps, cfg.normalizer, cfg.k).to(logp.dtype)
     adv = step_adv[step_traj].unsqueeze(1).expand_as(logp)  # broadcast to every reply token of the step
     token_loss, m = ppo_token_loss(logp, prox_logp, behave_logp, adv, cfg)

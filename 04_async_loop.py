@@ -3,7 +3,7 @@
     rollout thread (asyncio)                                   trainer thread
     ------------------------                                   --------------
     N episode workers, each forever:                           forever:
-      take the next slot of a task group (admission control)     take B complete groups (drop too-stale ones)
+      take the next slot of a task group (admission control)     take B complete groups
       reset -> [turn -> batched inference -> env.step]* -> done  recompute pi_prox, GRPO loss (03), optimizer step
       hand the trajectory to its group; a full group goes        version += 1, publish weights to the sampler
       to the GroupBuffer (or is rejected: no signal)             (the pool keeps running; the next inference
@@ -21,8 +21,11 @@ The everlasting pool: workers are never drained at an iteration boundary. A weig
 steps of a running episode; every step records the policy version that produced it, so one trajectory may span
 versions. Staleness is bounded at admission, as in the released code: a new episode starts only while
     running + accepted  <  (max_staleness + version + 1) * B * G        (trajectories)
-and a group whose oldest step is still more than max_staleness versions behind the trainer when it is consumed is
-dropped and counted (groups finish out of order, so admission alone cannot promise it).
+Groups finish out of order, so admission alone does not bound the staleness of what is trained: a long episode
+admitted at version v may finish after later groups were trained. The released code trains it anyway and lets the
+importance weight pi_prox / pi_behave (tokens above 5 dropped, 03) correct or discard its stale tokens; so does
+this loop by default. `drop_stale=True` instead drops a group whose oldest step is more than max_staleness versions
+behind the trainer when it is consumed; that removes long trajectories first (the long failures 1/k is about).
 
 The synchronous baseline is the same code with `mode="sync"`: no episode starts until the sampler has the
 trainer's current weights, and exactly B accepted groups are rolled out per version (rollout all -> train ->
@@ -61,7 +64,8 @@ class LoopConfig:
     workers: int = 8  # N concurrent episodes (browser pages)
     group_size: int = 4  # G trajectories of the same task instance (same task, same seed) per GRPO group
     batch_groups: int = 2  # B groups per update
-    max_staleness: int = 2  # versions a trained step may lag the trainer (paper: 2); sync mode is 0 by design
+    max_staleness: int = 2  # admission bound on version lag (paper: 2); sync mode is 0 by design
+    drop_stale: bool = False  # also drop groups older than max_staleness when consumed (the released code does not)
     dynamic_sampling: bool = True  # reject groups whose rewards are all equal (zero GRPO signal), as the paper
     buffer_groups: int | None = None  # bound on complete groups waiting; None = (max_staleness + 1) * B
     updates: int = 10  # stop after this many updates
@@ -122,6 +126,7 @@ class Timeline:
     def __init__(self):
         self.t0 = time.perf_counter()
         self.spans: list[tuple] = []  # (component, kind, start_s, end_s, info)
+        self._flushed = 0  # spans already appended to the run's timeline file
         self._lock = threading.Lock()
 
     @contextmanager
@@ -146,9 +151,19 @@ class Timeline:
         return {k: round(v / wall, 4) for k, v in busy.items()}
 
     def dump(self, path: Path) -> None:
-        with open(path, "w") as f:
-            for comp, kind, a, b, info in self.spans:
-                f.write(json.dumps(dict(component=comp, kind=kind, start=round(a, 4), end=round(b, 4), **info)) + "\n")
+        path.unlink(missing_ok=True)
+        self._flushed = 0
+        self.flush(path)
+
+    def flush(self, path: Path, offset: float = 0.0) -> None:
+        """Append the spans recorded since the last flush, their times shifted by `offset` (a resumed run's clock
+        counts on from the killed run's), so that a killed run keeps what it had written."""
+        with self._lock:
+            new, self._flushed = self.spans[self._flushed:], len(self.spans)
+        with open(path, "a") as f:
+            for comp, kind, a, b, info in new:
+                f.write(json.dumps(dict(component=comp, kind=kind, start=round(a + offset, 4),
+                                        end=round(b + offset, 4), **info)) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -212,7 +227,7 @@ class Stats:
     finished: int = 0  # trajectories completed
     trained: int = 0
     rejected: int = 0  # in groups with all-equal rewards (dynamic sampling)
-    dropped_stale: int = 0  # in groups older than max_staleness at consumption
+    dropped_stale: int = 0  # in groups older than max_staleness at consumption (drop_stale only)
     abandoned: int = 0  # in groups given up after an env kept raising
     env_errors: int = 0  # episodes whose env raised (the worker restarted with a fresh env slot)
     groups_rejected: int = 0
@@ -639,7 +654,7 @@ class Loop:
             if got is None:
                 return None
             group = got[0]
-            if group.staleness(self.version) > limit:  # too old for the importance weights to be trusted
+            if c.drop_stale and group.staleness(self.version) > limit:  # opt-in: too old to be trusted
                 self.stats.groups_dropped += 1
                 self.stats.dropped_stale += len(group.trajectories)
                 free_group(self.store, group)

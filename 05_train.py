@@ -60,7 +60,9 @@ class TrainConfig:
     tensorboard: bool = opt(False, "also log scalars to RUN_DIR/tensorboard (needs `pip install tensorboard`)")
     wandb_project: str = opt("", "also log to this Weights & Biases project (needs `pip install wandb`)")
     # tasks
-    task_file: str = opt("", "a WebGym task file (JSONL or JSON list) instead of MiniWoB++")
+    task_file: str = opt("", "a WebGym task file (JSONL or JSON list) instead of MiniWoB++; bad rows are reported "
+                         "and skipped")
+    task_file_strict: bool = opt(False, "a bad row of --task-file is an error instead of being skipped")
     tasks: str = opt(TINY_TASKS, "comma-separated MiniWoB++ task names; 'all' = every task of --split")
     split: str = opt("train", "task split to train on: train | test")
     judge: str = opt("rubric_keywords", "judge of WebGym answers: rubric_keywords (keyword match, offline) | chat (an "
@@ -85,11 +87,15 @@ class TrainConfig:
     workers: int = opt(8, "concurrent episodes (browser pages)")
     group_size: int = opt(4, "G: trajectories per task group")
     batch_groups: int = opt(2, "B: groups per update")
-    max_staleness: int = opt(2, "versions a trained step may lag the trainer")
+    max_staleness: int = opt(2, "admission bound: episodes start only while the data in flight is at most this "
+                             "many versions ahead of training (the released code's max_head_offpolicyness)")
+    drop_stale: bool = opt(False, "also drop groups older than --max-staleness when the trainer takes them (the "
+                           "released code does not: it trains them with their importance weights)")
     dynamic_sampling: bool = opt(True, "reject groups whose rewards are all equal")
     # loss
     normalizer: str = opt("const", "step normalizer: const (1/k, the paper's) | traj (1/|tau_i|)")
     k: float = opt(10.0, "the constant k of 1/k (the Easy training horizon)")
+    adv_std: str = opt("unbiased", "group std of the advantage: unbiased (1/(G-1), the released code) | population")
     decoupled: bool = opt(True, "decoupled PPO (clip pi/pi_prox, weight by pi_prox/pi_behave); off: coupled")
     eps_clip: float = opt(0.2, "PPO clip range")
     # optimizer
@@ -158,14 +164,11 @@ def resolve(argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:
         saved = Path(meta["resume"]) / "config.json"
         if not saved.is_file():
             raise UsageError(f"--resume {meta['resume']}: no config.json there (not a run directory?)")
-        values.update(json.loads(saved.read_text())["config"])
+        values.update(_json_object(saved, "--resume", key="config"))
         values["run_dir"] = meta["resume"]
     values.update(PRESETS[meta["preset"] or "tiny"] if not meta["resume"] else {})
     if meta["config"]:
-        try:
-            values.update(json.loads(Path(meta["config"]).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise UsageError(f"--config {meta['config']}: {e}")
+        values.update(_json_object(Path(meta["config"]), "--config"))
     values.update(args)
     unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
@@ -178,28 +181,66 @@ def resolve(argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:
     return cfg, argparse.Namespace(**meta)
 
 
+def _json_object(path: Path, flag: str, key: str | None = None) -> dict:
+    """A JSON object read from a file (or its `key` member), or a UsageError that says what is wrong with it."""
+    try:
+        value = json.loads(path.read_text())
+        value = value[key] if key is not None else value
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError, IndexError) as e:
+        raise UsageError(f"{flag} {path}: cannot read it ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{flag} {path}: expected a JSON object of config fields, got {type(value).__name__}")
+    return value
+
+
+# Bounds of every numeric field, checked once here whatever set the value (default, preset, --config file, flag).
+AT_LEAST = dict(seed=0, updates=0, checkpoint_every=1, keep_checkpoints=1, log_trajectories=0, max_steps=0,
+                warmstart_steps=0, warmstart_episodes=1, history=0, images=1, max_new_tokens=1, memory_tokens=1,
+                workers=1, group_size=2, batch_groups=1, max_staleness=0, epochs=1, minibatches=1, micro_batch=1,
+                gpus=-1, rollout_gpus=0, trainer_procs=1, weight_decay=0.0)
+POSITIVE = ("lr", "temperature", "eps_clip", "grad_clip", "k")  # floats that must be > 0
+CHOICES = dict(engine=("auto", "hf", "vllm"), split=("train", "test"), constrained=("auto", "on", "off"),
+               mode=("async", "sync"), normalizer=("const", "traj"), judge=("rubric_keywords", "chat"),
+               adv_std=("unbiased", "population"))
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Types, bounds and choices of every field: one clear sentence for the first one that is wrong."""
+    import math
+
+    for f in dataclasses.fields(TrainConfig):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        kind = {"int": int, "float": (int, float), "bool": bool, "str": str}[f.type]
+        if not isinstance(value, kind) or (isinstance(value, bool) and f.type != "bool"):
+            raise UsageError(f"{flag} must be {'a number' if f.type == 'float' else f.type}, got {value!r:.60}")
+        if f.type == "float" and not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite number, got {value!r}")
+        if f.name == "group_size" and value < 2:
+            raise UsageError("--group-size must be at least 2: GRPO compares trajectories within a group")
+        if f.name in AT_LEAST and value < AT_LEAST[f.name]:
+            raise UsageError(f"{flag} must be at least {AT_LEAST[f.name]}, got {value}")
+        if f.name in POSITIVE and value <= 0:
+            raise UsageError(f"{flag} must be greater than 0, got {value}")
+        if f.name in CHOICES and value not in CHOICES[f.name]:
+            raise UsageError(f"{flag} must be one of {', '.join(CHOICES[f.name])}, got {value!r}")
+    if cfg.eps_clip >= 1:
+        raise UsageError(f"--eps-clip must be below 1 (the ratio is clipped to [1 - eps, 1 + eps]), got {cfg.eps_clip}")
+
+
 def check(cfg: TrainConfig, dry_run: bool = False) -> None:
     """Every bad input found before anything starts, each as one clear sentence. A dry run plans for GPUs this
     machine may not have."""
-    choices = dict(engine=("auto", "hf", "vllm"), split=("train", "test"), constrained=("auto", "on", "off"),
-                   mode=("async", "sync"), normalizer=("const", "traj"), judge=("rubric_keywords", "chat"))
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise UsageError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
-    if cfg.updates < 0 or (cfg.updates == 0 and cfg.warmstart_steps <= 0):
+    validate(cfg)
+    if cfg.updates == 0 and cfg.warmstart_steps <= 0:
         raise UsageError("--updates must be at least 1 (0 only with --warmstart-steps: a warm start alone)")
-    for name in ("workers", "group_size", "batch_groups", "checkpoint_every", "epochs", "minibatches",
-                 "micro_batch", "max_new_tokens"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.judge == "chat" and not (cfg.judge_url and cfg.judge_model):
         raise UsageError("--judge chat needs --judge-url and --judge-model")
-    if cfg.group_size < 2:
-        raise UsageError("--group-size must be at least 2: GRPO compares trajectories within a group")
     model = Path(cfg.model)
     if not dry_run and not model.exists() and model.resolve() != policy_mod.TINY_MODEL_DIR.resolve():
         if cfg.model.startswith((".", "/", "~")) or os.environ.get("HF_HUB_OFFLINE") == "1" or model.suffix:
             raise UsageError(f"--model {cfg.model}: no such directory (and not a hub name that can be fetched)")
+    if model.exists() and not (model / "config.json").is_file() and model.resolve() != policy_mod.TINY_MODEL_DIR.resolve():
+        raise UsageError(f"--model {cfg.model}: not a model directory (no config.json in it)")
     import importlib.util
 
     for flag, wanted, package in (("--tensorboard", cfg.tensorboard, "tensorboard"),
@@ -225,7 +266,8 @@ def load_tasks(cfg: TrainConfig) -> list:
                 from asyncwebrl.judge import ChatJudge
 
                 env.JUDGES["chat"] = ChatJudge(cfg.judge_url, cfg.judge_model, os.environ.get("OPENAI_API_KEY", ""))
-            tasks = env.load_webgym_tasks(cfg.task_file, split=cfg.split, judge=cfg.judge)
+            tasks = env.load_webgym_tasks(cfg.task_file, split=cfg.split, judge=cfg.judge,
+                                          strict=cfg.task_file_strict)
         else:
             names = None if cfg.tasks == "all" else [n.strip() for n in cfg.tasks.split(",") if n.strip()]
             tasks = env.miniwob_tasks(split=cfg.split if names is None else None, names=names)
@@ -277,9 +319,8 @@ class Run:
         (self.dir / "checkpoints").mkdir(parents=True, exist_ok=True)
 
     def save_config(self) -> None:
-        commit = _git_commit()
-        (self.dir / "config.json").write_text(json.dumps(dict(config=dataclasses.asdict(self.cfg), commit=commit,
-                                                              argv=sys.argv[1:]), indent=2) + "\n")
+        _write_atomic(self.dir / "config.json", json.dumps(dict(config=dataclasses.asdict(self.cfg),
+                                                                 commit=_git_commit(), argv=sys.argv[1:]), indent=2))
 
     def latest_checkpoint(self) -> Path | None:
         latest = self.dir / "checkpoints" / "latest"
@@ -289,13 +330,23 @@ class Run:
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    def truncate_metrics(self, version: int) -> None:
-        """On resume: rows after the checkpoint's version are updates that were lost; they will be redone."""
-        path = self.dir / "metrics.jsonl"
-        if path.is_file():
-            rows = [line for line in path.read_text().splitlines() if line.strip()]
-            keep = [r for r in rows if _parse_row(r).get("version", 0) <= version]
-            path.write_text("".join(r + "\n" for r in keep))
+    def rewind(self, version: int) -> float:
+        """On resume (a no-op for a new run): what came after the checkpoint's version was lost and will be redone,
+        so its metrics rows and trajectory folders go. Returns the seconds the run had already spent (its last row
+        or timeline span), from which the resumed run's clock counts on."""
+        spent = 0.0
+        for name, key in (("metrics.jsonl", "time_s"), ("timeline.jsonl", "end")):
+            path = self.dir / name
+            rows = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+            for row in map(_parse_row, rows):
+                spent = max(spent, row.get(key, 0.0) if isinstance(row.get(key), (int, float)) else 0.0)
+            if name == "metrics.jsonl" and rows:
+                keep = [r for r in rows if _parse_row(r).get("version", 0) <= version]
+                _write_atomic(path, "\n".join(keep))
+        for folder in (self.dir / "trajectories").glob("v*"):
+            if not folder.name[1:].isdigit() or int(folder.name[1:]) > version:
+                shutil.rmtree(folder, ignore_errors=True)
+        return spent
 
     def log_trajectories(self, groups, store, version: int) -> None:
         trajs = [t for g in groups for t in g.trajectories][:self.cfg.log_trajectories]
@@ -360,9 +411,17 @@ def extra_loggers(cfg: TrainConfig, run_dir: Path) -> list:
 
 def _parse_row(line: str) -> dict:
     try:
-        return json.loads(line)
+        row = json.loads(line)
     except json.JSONDecodeError:  # a row cut by a kill mid-write: dropped
         return {"version": 10**9}
+    return row if isinstance(row, dict) and isinstance(row.get("version", 0), int) else {"version": 10**9}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write a file that a resume reads: a kill leaves either the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text + "\n" if text else "")
+    os.replace(tmp, path)
 
 
 def _git_commit() -> str:
@@ -406,7 +465,8 @@ def build(cfg: TrainConfig, pcfg, store, tasks: list, version: int = 0, world: i
         learner = ShardedLearner(learner)
     loop_cfg = loop_mod.LoopConfig(**{**dict(mode=cfg.mode, workers=cfg.workers, group_size=cfg.group_size,
                                              batch_groups=cfg.batch_groups, max_staleness=cfg.max_staleness,
-                                             dynamic_sampling=cfg.dynamic_sampling, updates=cfg.updates,
+                                             drop_stale=cfg.drop_stale, dynamic_sampling=cfg.dynamic_sampling,
+                                             updates=cfg.updates,
                                              seed=cfg.seed), **loop_overrides})
     loop = loop_mod.Loop(loop_cfg, loop_mod.BrowserEnvs(store), sampler, learner, tasks, store)
     return policy, sampler, learner, loop
@@ -418,7 +478,7 @@ def make_learner(cfg: TrainConfig, pcfg, store, rank: int = 0, world: int = 1):
         shard(policy.model)  # before the optimizer is made: it must hold the sharded parameters
     learner = loop_mod.Learner(policy, store,
                                loss_mod.LossConfig(normalizer=cfg.normalizer, k=cfg.k, decoupled=cfg.decoupled,
-                                                   eps_clip=cfg.eps_clip),
+                                                   eps_clip=cfg.eps_clip, std=cfg.adv_std),
                                loop_mod.LearnerConfig(lr=cfg.lr, weight_decay=cfg.weight_decay,
                                                       grad_clip=cfg.grad_clip, epochs=cfg.epochs,
                                                       minibatches=cfg.minibatches, micro_batch=cfg.micro_batch),
@@ -617,8 +677,8 @@ def _train(cfg: TrainConfig, place: dict, rank: int = 0, world: int = 1) -> Path
     if ckpt is not None:
         state = torch.load(ckpt / "trainer.pt", weights_only=False)
         version, model = state["version"], str(ckpt / "model")
-        run.truncate_metrics(version)
         print(f"resuming {run.dir} from {ckpt.name} (version {version})")
+    spent = run.rewind(version)  # a killed run's lost updates go; its clock counts on
     store = env.ScreenshotStore()
     policy, sampler, learner, loop = build(cfg, policy_config(cfg, place, model, rank), store, tasks, version,
                                            world=world)
@@ -638,8 +698,9 @@ def _train(cfg: TrainConfig, place: dict, rank: int = 0, world: int = 1) -> Path
 
     def on_update(m: dict, groups) -> None:
         row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in m.items()}
-        row["utilisation"] = loop.timeline.utilisation()
+        row.update(time_s=round(m["time_s"] + spent, 6), utilisation=loop.timeline.utilisation())
         run.log_metrics(row)
+        loop.timeline.flush(run.dir / "timeline.jsonl", offset=spent)  # a kill loses at most this update's spans
         for sink in sinks:
             sink(row)
         run.log_trajectories(groups, store, m["version"])
@@ -654,7 +715,7 @@ def _train(cfg: TrainConfig, place: dict, rank: int = 0, world: int = 1) -> Path
         loop.run()
     finally:
         bar.close()
-        loop.timeline.dump(run.dir / "timeline.jsonl")
+        loop.timeline.flush(run.dir / "timeline.jsonl", offset=spent)
         if world > 1:
             learner.stop()
     print(f"done: version {loop.version}; run directory {run.dir}")

@@ -22,39 +22,69 @@ class RunLogError(ValueError):
     """A run log that is missing or cannot be read; the message names the file."""
 
 
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise RunLogError(f"{path}: truncated or not JSON ({type(e).__name__})") from None
+
+
+def _number(value) -> float:
+    """A metric as it is logged; anything that is not a number (missing, null, a string) is NaN: a gap in a curve."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
+
+
 def _json_lines(path: Path) -> list[dict]:
+    """metrics.jsonl rows; each must be an object with an integer version (05_train.py writes nothing else)."""
     if not path.is_file():
         raise RunLogError(f"{path}: missing (is this a 05_train.py run directory?)")
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise RunLogError(f"{path} line {n}: truncated or not JSON")
+                row = json.loads(line)
+            except (ValueError, RecursionError):
+                raise RunLogError(f"{path} line {n}: truncated or not JSON") from None
+            if not isinstance(row, dict) or not isinstance(row.get("version"), int) or isinstance(row["version"], bool):
+                raise RunLogError(f"{path} line {n}: not a metrics row (an object with an integer version)")
+            rows.append(row)
     if not rows:
         raise RunLogError(f"{path}: no rows (the run has not finished an update)")
     return rows
 
 
+def _config(path: Path) -> tuple[dict, str]:
+    saved = _json(path)
+    cfg = saved.get("config") if isinstance(saved, dict) else None
+    if not isinstance(cfg, dict) or cfg.get("normalizer") not in ("const", "traj") or \
+            cfg.get("mode", "async") not in ("async", "sync") or not isinstance(cfg.get("decoupled", True), bool):
+        raise RunLogError(f"{path}: not a 05_train.py config")
+    return cfg, str(saved.get("commit", "?"))
+
+
+def _eval_table(path: Path) -> dict:
+    t = _json(path)
+    if not (isinstance(t, dict) and isinstance(t.get("slices"), dict) and isinstance(t.get("split"), str) and
+            all(isinstance(v, dict) and isinstance(v.get("episodes", 0), int) and
+                (not v.get("episodes") or (isinstance(v.get("success"), (int, float)) and
+                                           isinstance(v.get("ci95"), list) and len(v["ci95"]) == 2))
+                for v in t["slices"].values())):
+        raise RunLogError(f"{path}: not a 06_eval.py result table")
+    return t
+
+
 def read_run(folder: Path) -> dict:
     folder = Path(folder)
     if (folder / "throughput.json").is_file() and not (folder / "metrics.jsonl").exists():
-        return dict(kind="throughput", name=folder.name, dir=folder,
-                    throughput=json.loads((folder / "throughput.json").read_text()))
+        return dict(kind="throughput", name=folder.name, dir=folder, throughput=_json(folder / "throughput.json"))
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         raise RunLogError(f"{cfg_file}: missing (is this a 05_train.py run directory?)")
-    try:
-        saved = json.loads(cfg_file.read_text())
-        cfg = saved["config"]
-    except (json.JSONDecodeError, KeyError):
-        raise RunLogError(f"{cfg_file}: truncated or not a 05_train.py config")
-    evals = {str(p.relative_to(folder)): json.loads(p.read_text()) for p in sorted(folder.rglob("eval-*.json"))}
+    cfg, commit = _config(cfg_file)
+    evals = {str(p.relative_to(folder)): _eval_table(p) for p in sorted(folder.rglob("eval-*.json"))}
     if cfg.get("updates") == 0 and not (folder / "metrics.jsonl").exists():  # a warm start alone: tables only
-        return dict(kind="evals", name=folder.name, dir=folder, config=cfg, commit=saved.get("commit", "?"),
-                    evals=evals)
-    return dict(kind="train", name=folder.name, dir=folder, config=cfg, commit=saved.get("commit", "?"),
+        return dict(kind="evals", name=folder.name, dir=folder, config=cfg, commit=commit, evals=evals)
+    return dict(kind="train", name=folder.name, dir=folder, config=cfg, commit=commit,
                 metrics=_continued_clock(_json_lines(folder / "metrics.jsonl")), evals=evals)
 
 
@@ -62,7 +92,7 @@ def _continued_clock(rows: list[dict]) -> list[dict]:
     """A resumed run's loop starts its clock (time_s) at 0 again: count on from the row before."""
     offset, last = 0.0, 0.0
     for row in rows:
-        if "time_s" in row:
+        if isinstance(row.get("time_s"), (int, float)) and not isinstance(row["time_s"], bool):
             if row["time_s"] + offset < last:
                 offset = last
             row["time_s"] = last = row["time_s"] + offset
@@ -89,8 +119,8 @@ def _smooth(ys: list[float]) -> list[float]:
 
 def _series(runs: list[dict], key: str, group, x: str = "version") -> dict:
     """{group: {x, median, lo, hi}} over the runs of each group, and the raw series of every run."""
-    raw = {r["name"]: dict(group=group(r), x=[m[x] for m in r["metrics"]],
-                           y=[m.get(key, float("nan")) for m in r["metrics"]]) for r in runs}
+    raw = {r["name"]: dict(group=group(r), x=[_number(m.get(x)) for m in r["metrics"]],
+                           y=[_number(m.get(key)) for m in r["metrics"]]) for r in runs}
     curves = {}
     for g in sorted({v["group"] for v in raw.values()}):
         members = [v for v in raw.values() if v["group"] == g]
@@ -231,7 +261,10 @@ def make_figures(dirs: list[Path], out: Path | None = None) -> list[Path]:
     for bench in (r for r in loaded if r["kind"] == "throughput"):
         from asyncwebrl.throughput_bench import throughput_figure
 
-        throughput_figure(bench["throughput"], out / "fig1_throughput.png")
+        try:
+            throughput_figure(bench["throughput"], out / "fig1_throughput.png")
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError):  # written by hand, or by another version
+            raise RunLogError(f"{bench['dir'] / 'throughput.json'}: not a --compare-sync result") from None
         (out / "fig1_throughput.json").write_text(json.dumps(bench["throughput"], indent=1) + "\n")
         made.append(out / "fig1_throughput.png")
     if not runs:

@@ -18,9 +18,11 @@ import urllib.request
 
 CRITERION_B = ("A web agent was given this task:\n{goal}\n\nIts final answer was:\n{answer}\n\n"
                "Is every claim in the final answer visible in the screenshots? Reply with YES or NO first.")
-CRITERION_A = ("A web agent was given this task:\n{goal}\n\nIts final answer was:\n{answer}\n\n"
-               "Do the screenshots show evidence of this fact: {fact}\n(when the fact lists alternatives joined by OR,"
-               " any one of them is enough). Reply with YES or NO first.")
+# Per fact, as the released prompt: the task and the fact's group for context, never the agent's answer (the
+# screenshots alone must show the fact; criterion B already checked the answer against them).
+CRITERION_A = ("A web agent was given this task (for context only):\n{goal}\n\nFact group (for context only):\n"
+               "{group}\n\nDo the screenshots show evidence of this fact: {fact}\n(when the fact lists alternatives "
+               "joined by OR, any one of them is enough). Reply with YES or NO first.")
 
 
 class JudgeError(RuntimeError):
@@ -56,5 +58,6 @@ class ChatJudge:
         shots = screenshots[-self.max_screenshots:]  # the last screenshot always goes (the final page)
         if not self.ask(CRITERION_B.format(goal=task.goal, answer=answer), shots):
             return 0.0
-        facts = [fact for group in task.rubric for fact in group]
-        return float(all(self.ask(CRITERION_A.format(goal=task.goal, answer=answer, fact=f), shots) for f in facts))
+        questions = [CRITERION_A.format(goal=task.goal, group="; ".join(group), fact=fact)
+                     for group in task.rubric for fact in group]
+        return float(all(self.ask(q, shots) for q in questions))

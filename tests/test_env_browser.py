@@ -223,3 +223,41 @@ def test_screenshots_are_references_and_are_freed(browser_env):
     assert all(isinstance(k, str) and len(k) < 64 for k in keys)
     assert jpeg[:2] == b"\xff\xd8"  # JPEG bytes live in the store only
     assert held > 0 and freed == held and left == 0
+
+
+def test_no_reward_from_another_tasks_page(browser_env):
+    """A slot's page keeps its history across tasks. go_back() at an episode's first page is refused (it would land
+    on the previous task's page, whose own script would then pay the reward), and an episode that reaches another
+    task's page by any other way ends as blocked_navigation with reward 0."""
+    async def body(slot, store, server):
+        click_test, enter_time, click_button = (env.miniwob_tasks(names=[n])[0] for n in
+                                                ("click-test", "enter-time", "click-button"))
+        out = {}
+        for tries in range(2):
+            await slot.reset(click_test, seed=tries)
+            obs = await slot.reset(enter_time, seed=tries)
+            back = await slot.step("go_back()")
+            rest = []
+            for a in ("click(500, 500)", "click(#0)"):  # the replies that scored on click-test before the fix
+                if not (rest and rest[-1].done):
+                    rest.append(await slot.step(a))
+            out[f"back{tries}"] = (obs, back, rest)
+        await slot.reset(enter_time, seed=5)  # within an episode go_back() still works: a same-page entry
+        await slot._page.evaluate("location.hash = 'x'")
+        out["inner"] = await slot.step("go_back()")
+        out["inner_url"] = slot._page.url
+        await slot.reset(enter_time, seed=6)  # another task's page reached without go_back (a page's own link)
+        await slot._page.goto(server.base + click_button.url)
+        out["elsewhere"] = await slot.step("click(#0)")
+        return out
+
+    out = browser_env(body)
+    for tries in range(2):
+        obs, back, rest = out[f"back{tries}"]
+        assert back.obs.error == "no earlier page in this episode" and not back.done
+        assert back.obs.url == obs.url and back.obs.goal == obs.goal  # still on enter-time, its goal intact
+        assert all(r.reward == 0.0 for r in [back] + rest)
+    inner = out["inner"]
+    assert inner.obs.error is None and out["inner_url"].endswith("enter-time.html")
+    assert out["elsewhere"].done and out["elsewhere"].reward == 0.0
+    assert out["elsewhere"].info["end"] == "blocked_navigation"

@@ -138,15 +138,91 @@ def test_rubric_keywords_judge():
     ('{"task_name": "x", "website": "a.com", "evaluator_reference": ["f"], "difficulty": "hard"}',
      r"bad\.jsonl:1: field 'difficulty'"),
     ('\n{"task_name": "x", "website": "a.com", "evaluator_reference": [{"facts": [3]}]}', r"bad\.jsonl:2: .*fact"),
-    ("{not json", r"bad\.jsonl: cannot read tasks"),
+    ("{not json", r"bad\.jsonl:1: Expecting property name"),
     ("[1, 2]", r"bad\.jsonl:1: expected a JSON object"),
+    ("[{]", r"bad\.jsonl: cannot read tasks"),  # a JSON list that does not parse has no rows to skip
+    ('{"task_name": "x", "website": "a.com", "evaluator_reference": ' + "[" * 50000 + "\n", r"bad\.jsonl:1: Recursion"),
     ("", r"bad\.jsonl: no tasks"),
 ])
 def test_bad_task_file_names_the_file_and_the_field(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
-    with pytest.raises(env.TaskFileError, match=message):
-        env.load_webgym_tasks(path)
+    with pytest.raises(env.TaskFileError, match=message):  # strict: the first bad row is the error
+        env.load_webgym_tasks(path, strict=True)
+    with pytest.raises(env.TaskFileError, match=r"bad\.jsonl"):  # lenient: no row loads, so still an error
+        env.load_webgym_tasks(path, warn=lambda m: None)
+
+
+def test_released_shapes_load_as_the_released_loader_reads_them(tmp_path):
+    rubric = [{"id": 1, "description": "hours", "facts": ["9am", "5pm"]}]
+    rows = [dict(task_name="t", website="a.com", evaluator_reference=ref, difficulty=d, task_id=n)
+            for n, (ref, d) in enumerate([
+                (json.dumps(rubric), 2),  # the rubric stored as its JSON text (a table column)
+                (rubric, "7"), (rubric, 4.9), (rubric, 0), (rubric, None), (rubric, ""),  # int(d) if d else 5
+                ([{"description": "the shop opens at 9am", "difficulty": 1}], 1),  # items with a description only
+                (["fact a", "fact b"], 2), ("[not json, free text]", 1), (rubric[0], 3)])]
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    tasks = env.load_webgym_tasks(path, strict=True)
+    assert [t.difficulty for t in tasks] == ["easy", "hard", "medium", "medium", "medium", "medium", "easy", "easy",
+                                             "easy", "easy"]
+    assert tasks[0].rubric == tasks[1].rubric == tasks[9].rubric == (("9am", "5pm"),)
+    assert tasks[6].rubric == (("the shop opens at 9am",),)
+    assert tasks[7].rubric == (("fact a",), ("fact b",))
+    assert tasks[8].rubric == (("[not json, free text]",),)
+
+
+def test_bad_rows_are_reported_with_their_line_skipped_and_counted(tmp_path):
+    good = json.dumps(dict(task_name="t", website="a.com", evaluator_reference=["f"]))
+    lines = [good, "{oops", good, json.dumps(dict(task_name="t", website="a.com")), "", good,
+             json.dumps(dict(task_name="t", website="a.com", evaluator_reference=["f"], difficulty="hard"))]
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("\n".join(lines))
+    said = []
+    tasks = env.load_webgym_tasks(path, warn=said.append)
+    assert [t.id for t in tasks] == ["webgym/1", "webgym/3", "webgym/6"]  # the line number stands in for task_id
+    assert [m.split(": ", 1)[0] for m in said[:3]] == [f"{path}:2", f"{path}:4", f"{path}:7"]
+    assert "evaluator_reference" in said[1] and "difficulty" in said[2]
+    assert said[3] == f"{path}: 3 tasks loaded, 3 bad rows skipped" and len(said) == 4
+    with pytest.raises(env.TaskFileError, match=r"tasks\.jsonl:2: "):
+        env.load_webgym_tasks(path, strict=True)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+                    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+                    max_leaves=12)
+ROW = st.fixed_dictionaries({}, optional=dict(task_name=JSON | st.text(max_size=20), website=JSON | st.text(max_size=20),
+                                              evaluator_reference=JSON, difficulty=JSON, task_id=JSON))
+
+
+@settings(max_examples=300, deadline=2000)
+@given(st.lists(ROW | JSON, min_size=1, max_size=5), st.booleans())
+def test_any_task_file_loads_or_says_why_in_one_typed_error(tmp_path_factory, rows, as_list):
+    """Adversarial rows (any JSON): every row loads as a valid Task or is reported; nothing else ever escapes."""
+    path = tmp_path_factory.mktemp("tf") / "tasks.jsonl"
+    path.write_text(json.dumps(rows) if as_list else "\n".join(json.dumps(r) for r in rows))
+    said = []
+    try:
+        tasks = env.load_webgym_tasks(path, warn=said.append)
+    except env.TaskFileError as e:
+        assert str(e).startswith(str(path))
+        return
+    reported = [m for m in said if m.endswith("(row skipped)")]
+    assert len(tasks) + len(reported) == len(rows)  # every row accounted for: loaded or reported, once
+    for t in tasks:
+        assert t.goal.strip() and t.url and t.difficulty in ("easy", "medium", "hard") and t.max_steps > 0
+        assert t.rubric and all(group and all(isinstance(f, str) and f.strip() for f in group) for group in t.rubric)
+
+
+@settings(max_examples=200, deadline=2000)
+@given(st.binary(max_size=300))
+def test_any_bytes_as_a_task_file_load_or_give_one_typed_error(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("tf") / "tasks.jsonl"
+    path.write_bytes(data)
+    try:
+        env.load_webgym_tasks(path, warn=lambda m: None)
+    except env.TaskFileError:
+        pass
 
 
 def test_missing_task_file_is_a_clear_error(tmp_path):

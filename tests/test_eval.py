@@ -3,6 +3,8 @@ import json
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from asyncwebrl import ROOT, load
 from asyncwebrl.figures import RunLogError, make_figures
@@ -170,3 +172,25 @@ def test_committed_figures_are_regenerated_from_the_committed_run_logs(tmp_path)
         committed = json.loads((ROOT / "figures" / f"{stem}.json").read_text())
         fresh = json.loads((tmp_path / f"{stem}.json").read_text())
         assert json.dumps(fresh, sort_keys=True).replace(str(ROOT) + "/", "") == json.dumps(committed, sort_keys=True)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 50) | st.floats() | st.text(max_size=6),
+                    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids, max_size=3),
+                    max_leaves=8)
+METRIC = st.sampled_from(["version", "time_s", "rollout_success", "success", "steps", "clip_frac_coupled",
+                          "rollout_steps_failure", "token_weight_success", "utilisation"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.dictionaries(METRIC, JSON, max_size=5) | JSON, min_size=1, max_size=4), st.integers(0, 3))
+def test_any_metrics_rows_give_figures_or_one_typed_error(tmp_path_factory, rows, good):
+    """Rows of any shape (hand-edited, another version's, another program's) beside good ones: the figures are
+    drawn (a value that is not a number is a gap) or RunLogError names the file and line; nothing else escapes."""
+    d = tmp_path_factory.mktemp("logs") / "run"
+    _run(d, "const", "async", 0, n=good + 1)
+    with open(d / "metrics.jsonl", "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    try:
+        make_figures([d], d / "out")
+    except RunLogError as e:
+        assert str(d / "metrics.jsonl") in str(e)

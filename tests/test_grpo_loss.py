@@ -17,15 +17,22 @@ def test_group_advantages_by_hand():
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
     group = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
     adv, degenerate = L.group_advantages(rewards, group)
-    # group 0: mean 1/4, population std sqrt(3)/4; group 1: all equal -> 0; group 2: all equal -> 0
-    std0 = math.sqrt(3) / 4
-    expected = [0.75 / (std0 + EPS)] + [-0.25 / (std0 + EPS)] * 3 + [0.0] * 4
+    # group 0: mean 1/4, squared deviations 9/16 + 3 * 1/16 = 3/4; unbiased std sqrt(3/4 / 3) = 1/2 (the released
+    # code's default); groups 1 and 2: all equal -> 0
+    expected = [0.75 / (0.5 + EPS)] + [-0.25 / (0.5 + EPS)] * 3 + [0.0] * 4
     assert torch.allclose(adv, torch.tensor(expected, dtype=F64))
     assert degenerate == 2
+    population, _ = L.group_advantages(rewards, group, std="population")
+    std0 = math.sqrt(3) / 4  # sqrt(3/4 / 4)
+    expected = [0.75 / (std0 + EPS)] + [-0.25 / (std0 + EPS)] * 3 + [0.0] * 4
+    assert torch.allclose(population, torch.tensor(expected, dtype=F64))
     mean_only, _ = L.group_advantages(rewards, group, std_normalize=False)
     assert torch.allclose(mean_only, torch.tensor([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0], dtype=F64))
     s = 1  # population-std closed form: successes sqrt(f/s), failures -sqrt(s/f)
-    assert adv[0] == pytest.approx(math.sqrt(3 / s), rel=1e-4) and adv[1] == pytest.approx(-math.sqrt(s / 3), rel=1e-4)
+    assert population[0] == pytest.approx(math.sqrt(3 / s), rel=1e-4)
+    assert population[1] == pytest.approx(-math.sqrt(s / 3), rel=1e-4)
+    with pytest.raises(ValueError, match="std"):
+        L.group_advantages(rewards, group, std="sample")
 
 
 def test_step_advantages_by_hand():
@@ -48,7 +55,7 @@ def batch(**override):
     return b
 
 
-R = 0.5 / (0.5 + EPS)  # |r_hat| of a 1-success/1-failure group: mean 0.5, population std 0.5
+R = 0.5 / (math.sqrt(0.5) + EPS)  # |r_hat| of a 1-success/1-failure group: mean 0.5, unbiased std sqrt(1/2)
 
 
 @pytest.mark.parametrize("normalizer, a0, a1", [("traj", R / 1, -R / 2), ("const", R / 10, -R / 10)])
@@ -82,6 +89,25 @@ def test_clipping_and_dual_clip_by_hand():
     # clip bounds token (1,0)
     assert metrics["clip_frac"] == pytest.approx(1 / 6)
     assert metrics["dual_clip_frac"] == pytest.approx(1 / 6)
+
+
+def test_the_clip_that_binds_for_a_negative_advantage_is_the_lower_one():
+    # token (1,0): A < 0 at rho = 0.5 < 1 - eps: the clipped branch -A (1 - eps) is the larger, so the loss is
+    # 0.8 |A| and the gradient 0 (the policy may not push this token's probability further down);
+    # token (2,0): A < 0 at rho = 1.1, inside the range: the loss is 1.1 |A|, gradient 1.1 |A| / 6;
+    # token (0,0): A > 0 at rho = 0.5: the unclipped branch is the larger, so it keeps its gradient -A 0.5 / 6.
+    logp = torch.zeros(3, 3, dtype=F64)
+    logp[0, 0], logp[1, 0], logp[2, 0] = math.log(0.5), math.log(0.5), math.log(1.1)
+    b = batch(logp=logp.requires_grad_(True))
+    loss, metrics = L.grpo_loss(**b, cfg=L.LossConfig(normalizer="const"))
+    loss.backward()
+    a0, a1 = R / 10, -R / 10
+    expected = (-a0 * 0.5 - a0 - a1 * 0.8 - a1 * 1.1 - 2 * a1) / 6
+    assert float(loss) == pytest.approx(expected)
+    grad = b["logp"].grad
+    assert grad[1, 0] == 0
+    assert grad[2, 0] == pytest.approx(-a1 * 1.1 / 6) and grad[0, 0] == pytest.approx(-a0 * 0.5 / 6)
+    assert metrics["clip_frac"] == pytest.approx(1 / 6) and metrics["dual_clip_frac"] == 0
 
 
 def test_importance_weight_multiplies_and_drops_above_the_cap():
@@ -186,7 +212,7 @@ def test_a_pattern_in_every_step_gets_zero_push_under_traj_and_negative_under_co
 
     def net(normalizer):
         b = L.pack(trajs)
-        cfg = L.LossConfig(normalizer=normalizer, adv_eps=0.0)
+        cfg = L.LossConfig(normalizer=normalizer, adv_eps=0.0, std="population")  # the closed form's std
         loss, metrics = L.grpo_loss(**b, cfg=cfg, n_tokens=1)  # undo the 1/|T| so the coefficient is exact
         loss.backward()
         return float(-b["logp"].grad.sum())

@@ -49,6 +49,8 @@ def test_success_needs_criterion_b_and_every_fact(endpoint):
     assert len(asked) == 3  # criterion B once, then one question per fact
     assert "every claim" in asked[0][-1]["text"] and "9am to 5pm" in asked[0][-1]["text"]
     assert "opens at 9am OR opens at 9:00" in asked[1][-1]["text"] and "closes at 5pm" in asked[2][-1]["text"]
+    # per fact, as the released prompt: the task for context, never the agent's answer
+    assert all(TASK.goal in q[-1]["text"] and "9am to 5pm" not in q[-1]["text"] for q in asked[1:])
     images = [base64.b64decode(part["image_url"]["url"].split(",", 1)[1]) for part in asked[0][:-1]]
     assert images == [b"second", b"third"]  # the last max_screenshots, the final page included
     first = endpoint["requests"][0]

@@ -67,3 +67,58 @@ def test_micro_batching_gives_the_same_gradient_step(tiny_dir, shot_store):
         weights.append(p.model.get_input_embeddings().weight.detach() - start)
     assert weights[0].abs().max() > 1e-4
     assert torch.allclose(weights[0], weights[1], atol=1e-6)
+
+
+class ThetaPolicy:
+    """A policy whose log-prob of token k is log_softmax(theta)[k] whatever the prompt: the Learner's bookkeeping
+    (pi_prox, importance weights, minibatches) can be checked by hand. Records every log-prob call."""
+
+    def __init__(self, vocab=6):
+        self.model = torch.nn.Module()
+        self.model.theta = torch.nn.Parameter(torch.linspace(-1.0, 1.0, vocab, dtype=torch.float64))
+        self.device, self.calls = torch.device("cpu"), []
+
+    def logprobs(self, turns, responses, store):
+        self.calls.append((torch.is_grad_enabled(), self.model.theta.detach().clone(), sorted(map(tuple, responses))))
+        lp, width = self.model.theta.log_softmax(-1), max(map(len, responses))
+        logp = torch.stack([torch.cat([lp[torch.tensor(r)], lp.new_zeros(width - len(r))]) for r in responses])
+        mask = torch.tensor([[t < len(r) for t in range(width)] for r in responses])
+        return logp, mask
+
+
+def test_decoupled_learner_computes_pi_prox_once_and_weights_by_pi_prox_over_pi_behave():
+    """2 epochs x 2 minibatches of off-policy data (pi_behave != pi_prox): pi_prox is one no-grad pass over every row
+    at the start weights, before the first optimizer step, and never again; the importance weights the loss uses
+    are pi_prox / pi_behave (known here by construction), with the tokens above the cap counted."""
+    policy = ThetaPolicy()
+    theta0 = policy.model.theta.detach().clone()
+    lp0 = theta0.log_softmax(-1)
+    ratio = {0: 0.5, 1: 2.0, 2: 1.0, 3: 6.0, 4: 1.5, 5: 0.8}  # w = pi_prox / pi_behave of each token id; 6 > cap
+    # replies of equal length, so that the metrics' mean over minibatches is the mean over tokens
+    replies = [([0, 1], 1.0), ([2, 3], 0.0), ([3, 4], 1.0), ([1, 2], 0.0), ([4, 5], 0.0), ([5, 0], 1.0)]
+    groups, n = [], 0
+    for g, members in enumerate((replies[:2], replies[2:4], replies[4:])):
+        trajs = []
+        for ids, reward in members:
+            behave = [float(lp0[t] - torch.log(torch.tensor(ratio[t], dtype=torch.float64))) for t in ids]
+            sample = pol.Sample("", ids, behave, version=0, truncated=False)
+            trajs.append(aloop.Trajectory(n, g, "t", 0, f"e{n}", [aloop.Step(None, sample, None)], reward=reward))
+            n += 1
+        groups.append(aloop.Group(g, None, 0, trajs))
+    learner = aloop.Learner(policy, None, cfg=aloop.LearnerConfig(epochs=2, minibatches=2, grad_clip=1e9))
+    learner.optimizer = torch.optim.SGD(policy.model.parameters(), lr=0.5)  # large steps: a late pi_prox would show
+    steps = []
+    step = learner.optimizer.step
+    learner.optimizer.step = lambda *a, **k: (steps.append(policy.model.theta.detach().clone()), step(*a, **k))
+    m = learner.update(groups)
+
+    prox_calls = [c for c in policy.calls if not c[0]]
+    first_grad = next(i for i, c in enumerate(policy.calls) if c[0])
+    assert all(not c[0] for c in policy.calls[:first_grad]) and len(prox_calls) == first_grad  # all before training
+    assert sorted(r for c in prox_calls for r in c[2]) == sorted(tuple(ids) for ids, _ in replies)  # each row once
+    assert all(torch.equal(c[1], theta0) for c in prox_calls)  # at the start weights
+    assert len(steps) == 2 * 2 and not torch.equal(steps[1], steps[0])  # 4 optimizer steps; the weights moved
+    tokens = [t for ids, _ in replies for t in ids]
+    assert m["iw_mean"] == pytest.approx(sum(ratio[t] for t in tokens) / len(tokens), rel=1e-6)
+    assert m["iw_over_cap_frac"] == pytest.approx(sum(ratio[t] > 5 for t in tokens) / len(tokens))
+    assert m["iw_max"] == pytest.approx(6.0)

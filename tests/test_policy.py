@@ -107,11 +107,47 @@ def test_truncated_reply_is_invalid_even_if_it_happens_to_parse():
     assert r.action is None and r.error == "truncated"
 
 
+ERRORS = {"empty", "no_action", "truncated", "syntax", "unknown_action", "bad_arguments", "out_of_range"}
+# pieces an unconstrained model can write: escapes JSON refuses, raw control characters, digit bombs, lone
+# surrogates, long blank runs, the reply's own keywords in the wrong places
+HOSTILE = st.sampled_from(['\\x', '\\u12', '\\ud800', '\\', '"', '\t', '\r', '\x00', '\x1b', '\ud800', '#',
+                           '9' * 5000, '-', ',', ' ', '\n', ' \n' * 300, 'Memory:', 'Action:', '\nAction: ', '(', ')',
+                           'click', 'type', '#3', '"ok"', 'down', '\u2028', '\u00a0', '٣'])
+REPLY = st.builds(lambda memory, name, args, tail: f"Memory: {memory}\nAction: {name}({args}){tail}",
+                  st.lists(HOSTILE, max_size=8).map("".join),
+                  st.sampled_from(["click", "type", "press", "scroll", "go_back", "answer", "evil"]),
+                  st.lists(HOSTILE, max_size=8).map("".join), st.lists(HOSTILE, max_size=3).map("".join))
+
+
+def bounded_parse(text, truncated=False):
+    """parse_response in bounded time, with the contract every caller relies on."""
+    t0 = time.perf_counter()
+    r = pol.parse_response(text, truncated)
+    assert time.perf_counter() - t0 < 1.0, f"{len(text)} characters took {time.perf_counter() - t0:.1f} s"
+    assert (r.action is None) == (r.error is not None) and (r.error is None or r.error in ERRORS)
+    if r.action is not None:  # a valid action is one the grammar writes back identically
+        assert env.parse_action(str(r.action)) == r.action and isinstance(r.memory, str)
+    return r
+
+
 @settings(max_examples=300, deadline=None)
-@given(st.text())
-def test_parse_response_never_raises(text):
-    r = pol.parse_response(text)
-    assert (r.action is None) == (r.error is not None)
+@given(st.text() | REPLY, st.booleans())
+def test_any_reply_gives_a_valid_action_or_a_typed_error_in_bounded_time(text, truncated):
+    bounded_parse(text, truncated)
+
+
+@pytest.mark.parametrize("text, error", [
+    ('Memory: m\nAction: type("\\x41")', "bad_arguments"),  # an escape JSON does not know (JSONDecodeError)
+    ('Memory: m\nAction: type("a\tb")', "bad_arguments"),  # a raw control character inside the string
+    ('Memory: m\nAction: type("\\ud800")', "bad_arguments"),  # a lone surrogate: no browser can type it
+    ("Memory: m\nAction: click(#" + "9" * 5000 + ")", "out_of_range"),  # int() refuses > 4300 digits (ValueError)
+    ("Memory: m\nAction: click(" + "1" * 7 + ", 5)", "out_of_range"),
+    ("Memory:" + " \n" * 50000, "no_action"),  # never reaches its Action: line (was quadratic: minutes)
+    ("Memory: " + "Action:" * 50000, "no_action"),
+    ("Memory: m\nAction: click(#٣)", "syntax"),  # a non-ASCII digit is not a mark
+], ids=["bad-escape", "raw-tab", "surrogate", "digit-bomb", "7-digits", "blank-lines", "action-words", "arabic-digit"])
+def test_hostile_replies_cost_one_step_not_the_group(text, error):
+    assert bounded_parse(text).error == error
 
 
 def test_state_update_keeps_memory_of_valid_replies_only():

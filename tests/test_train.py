@@ -8,6 +8,8 @@ import sys
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from asyncwebrl import ROOT, load
 
@@ -51,6 +53,15 @@ def test_config_precedence_defaults_preset_file_flags(tmp_path):
     (["--warmstart-steps", "5", "--updates", "0", "--tasks", "click-color,click-shape"], "no task with a scripted"),
     (["--judge", "chat"], "--judge chat needs --judge-url and --judge-model"),
     (["--judge", "gpt"], "--judge must be one of rubric_keywords, chat"),
+    (["--grad-clip", "-1"], "--grad-clip must be greater than 0"),  # would flip the gradient
+    (["--max-staleness", "-1"], "--max-staleness must be at least 0"),  # would admit nothing and hang
+    (["--keep-checkpoints", "0"], "--keep-checkpoints must be at least 1"),  # would keep every checkpoint
+    (["--max-steps", "-1"], "--max-steps must be at least 0"),  # would end every episode after one step
+    (["--lr", "-1"], "--lr must be greater than 0"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--eps-clip", "1.5"], "--eps-clip must be below 1"),
+    (["--adv-std", "sample"], "--adv-std must be one of unbiased, population"),
+    (["--model", "tests"], "--model tests: not a model directory"),
 ])
 def test_bad_input_gives_one_clear_message_and_nonzero_exit(args, message, capsys):
     with pytest.raises(SystemExit) if args == ["--bogus"] else _no_raise():
@@ -58,6 +69,79 @@ def test_bad_input_gives_one_clear_message_and_nonzero_exit(args, message, capsy
         assert rc == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"lr": "fast"}', "--lr must be a number, got 'fast'"),
+    ('{"workers": 2.5}', "--workers must be int, got 2.5"),
+    ('{"dynamic_sampling": "yes"}', "--dynamic-sampling must be bool"),
+    ('{"group_size": true}', "--group-size must be int, got True"),
+    ('{"grad_clip": -1}', "--grad-clip must be greater than 0"),
+    ('[1, 2]', "expected a JSON object of config fields, got list"),
+    ('{"lr": ', "cannot read it (JSONDecodeError"),
+    ('{"no_such_field": 1}', "unknown config field(s): ['no_such_field']"),
+])
+def test_a_config_file_is_validated_like_the_flags(tmp_path, capsys, content, message):
+    f = tmp_path / "c.json"
+    f.write_text(content)
+    assert train.main(["--dry-run", "--config", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("content", ["", "{", "[]", '{"config": 3}', '{"commit": "x"}', "\x00\xff"])
+def test_resume_of_a_run_whose_config_json_is_broken_is_one_line(tmp_path, capsys, content):
+    (tmp_path / "config.json").write_text(content, errors="surrogateescape")
+    assert train.main(["--resume", str(tmp_path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"05_train.py: error: --resume {tmp_path / 'config.json'}") and err.count("\n") == 1
+
+
+FLAGS = [f for f in dataclasses.fields(train.TrainConfig) if f.name not in ("run_dir", "model", "task_file")]
+VALUES = st.sampled_from(["0", "1", "-1", "2", "1e-4", "nan", "inf", "-0.5", "3.7", "abc", "", "click-button",
+                          "async", "const", "all", "on", "unbiased", "9" * 30, "--x"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(FLAGS), VALUES), max_size=4))
+def test_any_command_line_is_accepted_or_refused_in_one_line(flags):
+    """Adversarial command lines (every field, odd values): a dry run either prints a config that passes
+    validation or exits with status 2 and one line, never a traceback."""
+    import contextlib
+    import io
+
+    argv = ["--dry-run"]
+    for f, value in flags:
+        flag = "--" + f.name.replace("_", "-")
+        argv += [flag if value in ("0", "1") else "--no-" + flag[2:]] if f.type == "bool" else [flag, value]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = train.main(argv)
+        except SystemExit as e:  # argparse's own refusal (a value of the wrong type): usage + one error line
+            rc = e.code
+    assert rc in (0, 2), (argv, err.getvalue())
+    if rc == 0:
+        cfg = train.TrainConfig(**json.loads(out.getvalue()[out.getvalue().index("{"):]))
+        train.validate(cfg)
+    else:
+        assert "Traceback" not in err.getvalue() and err.getvalue().strip().splitlines()[-1].count("error") == 1
+
+
+def test_rewind_drops_what_came_after_the_checkpoint_and_keeps_the_clock(tmp_path):
+    """A resume reads back metrics.jsonl, trajectories/ and timeline.jsonl: what the killed run did after its last
+    checkpoint goes (it is redone), and the resumed clock counts on from the killed run's last record."""
+    run = train.Run(train.TrainConfig(run_dir=str(tmp_path)))
+    rows = [json.dumps(dict(version=v, time_s=10.0 * v)) for v in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + '\n{"version": 6, "ti')  # a row cut by the kill
+    (tmp_path / "timeline.jsonl").write_text(json.dumps(dict(component="trainer", kind="train", start=50, end=63.5)))
+    for v in range(1, 7):
+        (tmp_path / "trajectories" / f"v{v:04d}" / "traj1").mkdir(parents=True)
+    assert run.rewind(3) == 63.5
+    assert [json.loads(line)["version"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert sorted(p.name for p in (tmp_path / "trajectories").iterdir()) == ["v0001", "v0002", "v0003"]
+    assert run.rewind(3) == 63.5 and len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+    assert train.Run(train.TrainConfig(run_dir=str(tmp_path / "new"))).rewind(0) == 0.0  # a new run: nothing
 
 
 def test_tiny_learn_preset_warm_starts_with_a_tight_horizon():
@@ -111,6 +195,12 @@ def test_killed_run_resumes_without_duplicates_or_more_loss_than_the_checkpoint_
     assert f"resuming {run} from v{checkpoint:04d} (version {checkpoint})" in r.stdout
     versions = [row["version"] for row in _rows(run)]
     assert versions == [1, 2, 3, 4]  # continued, nothing duplicated
+    times = [row["time_s"] for row in _rows(run)]
+    assert times == sorted(times)  # the resumed clock counts on from the killed run's
+    for folder in (run / "trajectories").iterdir():  # the killed update's trajectories went; the redone ones stay
+        assert len(list(folder.iterdir())) <= 2, folder
+    spans = [json.loads(line) for line in (run / "timeline.jsonl").read_text().splitlines()]
+    assert min(s["start"] for s in spans) < times[checkpoint]  # the killed run's spans are kept, before the resumed
     # the run directory holds what a researcher needs
     config = json.loads((run / "config.json").read_text())
     assert config["config"]["updates"] == 4 and config["commit"]
