@@ -133,8 +133,13 @@ def _masked_mean(x, mask):
     return float((x * mask).sum() / mask.sum()) if mask.sum() > 0 else 0.0
 
 
-@torch.no_grad()
 def _metrics(logp, prox_logp, behave_logp, mask, adv, m, r_hat, step_traj, traj_reward, degenerate, cfg):
+    with torch.no_grad():
+        return _metrics_of(logp.detach(), prox_logp, behave_logp, mask, adv, m, r_hat, step_traj, traj_reward,
+                           degenerate, cfg)
+
+
+def _metrics_of(logp, prox_logp, behave_logp, mask, adv, m, r_hat, step_traj, traj_reward, degenerate, cfg):
     n = float(mask.sum())
     coupled = ppo_token_loss(logp, prox_logp, behave_logp, adv, LossConfig(**{**cfg.__dict__, "decoupled": False}))[1]
     decoupled = ppo_token_loss(logp, prox_logp, behave_logp, adv, LossConfig(**{**cfg.__dict__, "decoupled": True}))[1]

@@ -386,6 +386,20 @@ class Run:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+    def restore(self, ckpt: Path, learner, pool, tasks: list, rank: int = 0, sharded: bool = False) -> int:
+        """Continue exactly where the checkpoint was (its weights are loaded with the model): optimizer moments,
+        RNGs, the task sampler and the tasks left in its round. Returns the checkpoint's version."""
+        state = torch.load(ckpt / "trainer.pt", weights_only=False)
+        learner.optimizer.load_state_dict(torch.load(ckpt / f"optimizer.rank{rank}.pt", weights_only=False)
+                                          if sharded else state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        pool.rng.setstate(state["task_rng"])
+        by_id = {t.id: t for t in tasks}
+        pool.order = [by_id[i] for i in state["task_order"] if i in by_id]
+        return state["version"]
+
+
 def extra_loggers(cfg: TrainConfig, run_dir: Path) -> list:
     """Optional TensorBoard / wandb sinks for the scalar metrics; metrics.jsonl is always written."""
     sinks = []
@@ -682,14 +696,8 @@ def _train(cfg: TrainConfig, place: dict, rank: int = 0, world: int = 1) -> Path
     store = env.ScreenshotStore()
     policy, sampler, learner, loop = build(cfg, policy_config(cfg, place, model, rank), store, tasks, version,
                                            world=world)
-    if ckpt is not None:  # continue exactly where the checkpoint was: optimizer moments, RNGs, task order
-        learner.optimizer.load_state_dict(state["optimizer"] if world == 1 else
-                                          torch.load(ckpt / f"optimizer.rank{rank}.pt", weights_only=False))
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        loop.pool.rng.setstate(state["task_rng"])
-        by_id = {t.id: t for t in tasks}
-        loop.pool.order = [by_id[i] for i in state["task_order"] if i in by_id]
+    if ckpt is not None:
+        run.restore(ckpt, learner, loop.pool, tasks, rank, sharded=world > 1)
     if version >= cfg.updates:
         print(f"nothing to do: version {version} >= --updates {cfg.updates}")
         return run.dir

@@ -21,7 +21,9 @@ def load(name: str):
     main_file = getattr(main, "__file__", None)
     if main_file and Path(main_file).resolve() == path:
         return main
-    key = f"asyncwebrl.n{name}"  # e.g. asyncwebrl.n01_env: importable name, so dataclasses and pickle work
+    # registered under the file's own stem ("01_env"), so that dataclasses, pickle and tools that map a module back
+    # to its file (mutation testing) find it; no `import` statement can reach that name, so it collides with none
+    key = name
     if key not in sys.modules:
         spec = importlib.util.spec_from_file_location(key, path)
         module = importlib.util.module_from_spec(spec)

@@ -2,6 +2,7 @@
 restarts, clean shutdown, and the long-tail throughput gap; the real tiny policy and learner behind fake envs; then
 one short real run of each mode (browser)."""
 import _thread
+import asyncio
 import signal
 import statistics
 import threading
@@ -79,11 +80,14 @@ def test_no_trained_step_exceeds_max_staleness(max_staleness):
 
 def test_versions_are_monotone_within_a_trajectory_and_refresh_lands_mid_episode():
     store = env.ScreenshotStore()
-    loop, *_ = make_loop(store, envs=FakeEnvs(store, length=constant(8)), updates=6)
+    envs = Held(store, until=1, length=constant(3))  # episode g0.1 waits, after its first step, for version 1
+    loop, *_ = make_loop(store, envs=envs, updates=6)
+    envs.loop = loop
     loop.run()
     trajs = loop.pool.trajectory_log
     assert all(t.versions == sorted(t.versions) for t in trajs)
-    assert any(len(set(t.versions)) > 1 for t in trajs)  # a weight refresh landed between two steps of an episode
+    held = next(t for t in trajs if t.episode.startswith("g0.1."))
+    assert held.versions[0] == 0 and held.versions[-1] >= 1  # a weight refresh landed between two of its steps
 
 
 def test_sync_mode_trains_each_batch_on_one_version_the_current_one():
@@ -96,28 +100,29 @@ def test_sync_mode_trains_each_batch_on_one_version_the_current_one():
 
 
 def test_back_pressure_bounds_the_work_in_memory_when_the_trainer_is_slow():
+    """Measured at every episode start and every buffer put (events, not a polling thread): what is in memory
+    never exceeds the admission bound, however slow the trainer."""
     store = env.ScreenshotStore()
     loop, learner, *_ = make_loop(store, train_s=0.4, updates=3, workers=8, dynamic_sampling=False)
-    peak = {"buffer": 0, "live": 0}
-    done = threading.Event()
+    pool, peak = loop.pool, {"buffer": 0, "live": 0}
+    episode, put = pool._episode, loop.buffer.put
 
-    def watch():
-        while not done.is_set():
-            peak["buffer"] = max(peak["buffer"], len(loop.buffer))
-            live = loop.pool.in_flight + sum(len(g.trajectories) for g in list(loop.pool.open.values())) \
-                + sum(len(g.trajectories) for g in list(loop.buffer._groups))
-            peak["live"] = max(peak["live"], live)
-            time.sleep(0.002)
+    async def counted_episode(*args):
+        live = pool.in_flight + sum(len(g.trajectories) for g in list(pool.open.values())) \
+            + sum(len(g.trajectories) for g in list(loop.buffer._groups))
+        peak["live"] = max(peak["live"], live)
+        return await episode(*args)
 
-    w = threading.Thread(target=watch)
-    w.start()
+    def counted_put(group):
+        put(group)
+        peak["buffer"] = max(peak["buffer"], len(loop.buffer))
+
+    pool._episode, loop.buffer.put = counted_episode, counted_put
     loop.run()
-    done.set()
-    w.join()
     c = loop.cfg
     batch = c.batch_groups * c.group_size
-    assert peak["buffer"] <= (c.max_staleness + 1) * c.batch_groups
-    assert peak["live"] <= (c.max_staleness + 1) * batch  # admission: running + waiting <= (s + 1) B G
+    assert 0 < peak["buffer"] <= (c.max_staleness + 1) * c.batch_groups
+    assert batch < peak["live"] <= (c.max_staleness + 1) * batch  # admission: running + waiting <= (s + 1) B G
     assert loop.stats.started <= (c.max_staleness + 1 + c.updates) * batch  # not one episode per idle tick
 
 
@@ -160,7 +165,7 @@ def test_shutdown_is_clean_on_keyboard_interrupt():
     store = env.ScreenshotStore()
     envs = FakeEnvs(store, step_s=0.01)
     loop, *_ = make_loop(store, envs=envs, updates=10**6)
-    threading.Timer(0.5, _thread.interrupt_main).start()
+    loop.on_update = lambda metrics, groups: _thread.interrupt_main() if metrics["version"] == 1 else None
     watchdog = threading.Timer(60, loop.stop.set)
     watchdog.start()
     try:
@@ -199,10 +204,25 @@ def test_a_loop_whose_groups_are_all_rejected_says_so_instead_of_hanging_quietly
 
 
 def test_batched_inference_serves_many_workers_per_call():
-    loop, _, _, sampler, _ = make_loop(workers=8, updates=4)
-    loop.run()
-    assert loop.stats.inference_calls < loop.stats.inference_replies / 2
-    assert max(sampler.batches) > 1
+    """The first sampler call is held until all 8 workers wait for an action (an event, not a duration): the
+    next call must serve every worker the first did not."""
+    class Gated(FakeSampler):
+        def sample(self, turns, store):
+            while not self.batches and len(turns) + len(loop.pool.requests) < 8 and not loop.stop.is_set():
+                time.sleep(0.001)
+            return super().sample(turns, store)
+
+    loop, _, _, sampler, _ = make_loop(workers=8, updates=4, sampler=Gated())
+    watchdog = threading.Timer(60, loop.stop.set)  # fails the test rather than hang it
+    watchdog.start()
+    try:
+        loop.run()
+    finally:
+        watchdog.cancel()
+    first = sampler.batches[0]
+    assert first == 8 or sampler.batches[1] == 8 - first  # every waiting worker served by the next call
+    assert max(sampler.batches[:2]) >= 4 and loop.stats.inference_calls < loop.stats.inference_replies
+    assert loop.version == 4
 
 
 def throughput(mode, length, seed, **cfg):
@@ -294,3 +314,82 @@ def test_by_value_ablation_carries_the_bytes_and_trains_from_them():
     loop.learner.loop = loop
     loop.run()
     assert seen and all(isinstance(b, bytes) and b for b in seen)
+
+
+class Held(FakeEnvs):
+    """One-step episodes, except that episode j = 1 of group 0 holds its step until the trainer reaches version
+    `until` (an event, not a duration): group 0 then finishes out of order, `until` versions after its admission."""
+
+    def __init__(self, store, until, length=constant(1), **kw):
+        super().__init__(store, length=length, **kw)
+        self.until, self.loop = until, None
+
+    def slot(self, i):
+        s = super().slot(i)
+        real = s.step
+
+        async def step(action):
+            while s.episode.startswith("g0.1.") and self.loop.version < self.until and not self.loop.stop.is_set():
+                await asyncio.sleep(0.001)
+            return await real(action)
+
+        s.step = step
+        return s
+
+
+@pytest.mark.parametrize("drop_stale", [False, True])
+def test_a_group_that_finishes_late_is_trained_stale_as_released_or_dropped_when_asked(drop_stale):
+    """Admission bounds what starts (max_staleness 1), not what finishes: group 0 ends 3 versions after it started.
+    As released it is trained with staleness 3 (its importance weights correct it); with drop_stale it is dropped
+    and counted, no trained step is staler than the bound, and its screenshots are freed."""
+    store = env.ScreenshotStore()
+    envs = Held(store, until=3)
+    loop, learner, *_ = make_loop(store, envs=envs, updates=8, workers=4, group_size=2, batch_groups=1,
+                                  max_staleness=1, dynamic_sampling=False, drop_stale=drop_stale)
+    envs.loop = loop
+    loop.run()
+    late = {t.id for t in loop.pool.trajectory_log if t.group == 0}
+    trained = {tid: version - min(vs) for batch in learner.batches for version, tid, vs in batch}
+    ledger = loop.ledger()
+    assert ledger["finished"] == ledger["trained"] + ledger["rejected"] + ledger["dropped_stale"] + \
+        ledger["abandoned"] + ledger["leftover"] and ledger["leftover"] == ledger["in_buffer"] + ledger["in_open_groups"]
+    if drop_stale:
+        assert not late & set(trained) and ledger["dropped_stale"] == 2 and loop.stats.groups_dropped == 1
+        assert max(trained.values()) <= 1 and max(m["staleness_max"] for m in loop.history) <= 1
+        assert not any(k.startswith("g0.") for k in store._bytes)
+    else:
+        assert late <= set(trained) and min(trained[t] for t in late) >= 3 and ledger["dropped_stale"] == 0
+        assert max(m["staleness_max"] for m in loop.history) >= 3  # the metric reports what was trained
+
+
+def test_a_group_abandoned_after_a_sibling_finished_is_counted_once_and_freed():
+    """Group 0's second episode fails only after its sibling has finished (an event), every time it is retried:
+    the group is abandoned with the sibling's finished trajectory in it, which is counted abandoned (not trained,
+    not lost), and its screenshots are freed."""
+    store = env.ScreenshotStore()
+
+    class FailsAfterSibling(FakeEnvs):
+        def slot(self, i):
+            s = super().slot(i)
+            real = s.reset
+
+            async def reset(task, seed, episode):
+                if episode.startswith("g0.1."):
+                    while not (loop.pool.open.get(0) and loop.pool.open[0].trajectories) and 0 in loop.pool.open:
+                        await asyncio.sleep(0.001)
+                    raise RuntimeError("the page died after its sibling finished")
+                return await real(task, seed, episode)
+
+            s.reset = reset
+            return s
+
+    loop, learner, *_ = make_loop(store, envs=FailsAfterSibling(store, length=constant(1)), updates=4, workers=4,
+                                  group_size=2, batch_groups=1, slot_retries=2, dynamic_sampling=False)
+    loop.run()
+    ledger, stats = loop.ledger(), loop.stats
+    sibling = [t for t in loop.pool.trajectory_log if t.group == 0]
+    assert len(sibling) == 1 and stats.env_errors == 2 and ledger["abandoned"] == 1  # retried once, then given up
+    assert sibling[0].id not in {tid for batch in learner.batches for _, tid, _ in batch}
+    assert ledger["finished"] == ledger["trained"] + ledger["rejected"] + ledger["dropped_stale"] + \
+        ledger["abandoned"] + ledger["leftover"] and ledger["trained"] == 4 * 2
+    assert not any(k.startswith("g0.") for k in store._bytes) and 0 not in loop.pool.open

@@ -290,3 +290,26 @@ def test_gradcheck_float64():
     b["prox_logp"] = logp.detach().clone() + 0.05
     b["behave_logp"] = logp.detach().clone()
     assert torch.autograd.gradcheck(lambda x: L.grpo_loss(x, **b)[0], (logp,))
+
+
+def test_pack_pads_short_steps_with_masked_columns_in_float64():
+    b = L.pack([dict(reward=1, group=0, tokens=[2, 3]), dict(reward=0, group=0, tokens=[1])])
+    assert b["mask"].tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0]]
+    assert b["step_traj"].tolist() == [0, 0, 1] and b["traj_steps"].tolist() == [2, 1]
+    assert b["traj_reward"].dtype == b["mask"].dtype == b["logp"].dtype == F64  # exact hand-worked checks
+    assert b["traj_reward"].tolist() == [1.0, 0.0] and b["traj_group"].tolist() == [0, 0]
+    assert b["logp"].requires_grad and not b["prox_logp"].any() and not b["behave_logp"].any()
+
+
+def test_clip_rates_of_fig5_by_hand_when_the_behaviour_policy_is_stale():
+    """pi_theta = pi_prox, pi_behave = pi_prox / 2 on every token: the coupled ratio pi_theta / pi_behave is 2, so
+    PPO clips the 2 tokens of positive advantage (for A < 0 at ratio 2 the unclipped branch is the larger); the
+    decoupled ratio pi_theta / pi_prox is 1 and clips nothing; every importance weight is 2."""
+    b = batch(behave_logp=torch.full((3, 3), math.log(0.5), dtype=F64))
+    for decoupled in (True, False):
+        _, m = L.grpo_loss(**b, cfg=L.LossConfig(decoupled=decoupled))
+        assert m["clip_frac_coupled"] == pytest.approx(2 / 6) and m["clip_frac_decoupled"] == 0
+        assert m["clip_frac"] == (0 if decoupled else pytest.approx(2 / 6))
+        assert m["iw_mean"] == pytest.approx(2.0) and m["iw_max"] == pytest.approx(2.0)
+        assert m["approx_kl_behave"] == pytest.approx(math.log(0.5)) and m["approx_kl_prox"] == 0
+        assert m["dual_clip_frac"] == 0 and m["iw_over_cap_frac"] == 0 and m["tokens"] == 6

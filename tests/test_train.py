@@ -302,3 +302,48 @@ def test_judge_chat_registers_the_llm_judge_for_webgym_tasks(tmp_path, monkeypat
     assert [t.judge for t in tasks] == ["chat"] and isinstance(judge, ChatJudge)
     assert (judge.url, judge.model, judge.api_key) == ("http://h/v1/chat/completions", "m", "secret")
     assert "secret" not in json.dumps(dataclasses.asdict(cfg))  # the key never lands in the saved config
+
+
+def test_a_checkpoint_restores_the_whole_training_state(tiny_dir, tmp_path):
+    """Save, go on training (weights, Adam moments, every RNG and the task order move on), restore: everything is
+    as it was at the save. A restart at the saved version number alone would differ in each of these."""
+    import random
+    import types
+
+    import torch
+
+    pol, aloop = load("02_policy"), load("04_async_loop")
+    tasks = load("01_env").miniwob_tasks(names=["click-button", "click-link", "click-tab", "focus-text"])
+    run = train.Run(train.TrainConfig(run_dir=str(tmp_path)))
+
+    def step(learner):  # one optimizer step on a loss that touches every weight
+        loss = sum((p.float() ** 2).sum() for p in learner.policy.model.parameters())
+        loss.backward()
+        learner.optimizer.step()
+        learner.optimizer.zero_grad()
+
+    torch.manual_seed(0)
+    policy = pol.Policy(pol.PolicyConfig(model=str(tiny_dir)))
+    learner = aloop.Learner(policy, None)
+    pool = types.SimpleNamespace(rng=random.Random(7), order=list(tasks))
+    step(learner)
+    pool.rng.random(), pool.order.pop(), random.random(), torch.rand(3)
+    run.save_checkpoint(policy, learner, pool, 3)
+    saved = dict(weights={k: v.clone() for k, v in policy.state_dict().items()},
+                 adam=[s["exp_avg_sq"].clone() for s in learner.optimizer.state.values()],
+                 torch_rng=torch.get_rng_state(), python_rng=random.getstate(), task_rng=pool.rng.getstate(),
+                 order=[t.id for t in pool.order])
+    step(learner)  # the run goes on, then dies
+    pool.rng.random(), pool.order.pop(), random.random(), torch.rand(3)
+
+    ckpt = run.latest_checkpoint()
+    fresh = pol.Policy(pol.PolicyConfig(model=str(ckpt / "model")))
+    fresh_learner = aloop.Learner(fresh, None)
+    fresh_pool = types.SimpleNamespace(rng=random.Random(0), order=[])
+    assert run.restore(ckpt, fresh_learner, fresh_pool, tasks) == 3
+    assert all(torch.equal(v, saved["weights"][k]) for k, v in fresh.state_dict().items())
+    adam = [s["exp_avg_sq"] for s in fresh_learner.optimizer.state.values()]
+    assert len(adam) == len(saved["adam"]) and all(torch.equal(a, b) for a, b in zip(adam, saved["adam"]))
+    assert torch.equal(torch.get_rng_state(), saved["torch_rng"]) and random.getstate() == saved["python_rng"]
+    assert fresh_pool.rng.getstate() == saved["task_rng"] and [t.id for t in fresh_pool.order] == saved["order"]
+    assert ckpt.name == "v0003" and not list(tmp_path.glob("checkpoints/*.tmp"))
