@@ -164,7 +164,8 @@ def _task_row(row, lineno: int, split: str, judge: str) -> Task:
     url = row["website"] if "://" in row["website"] else "https://" + row["website"]
     diff = _difficulty(n_facts)
     horizon = {"train": HORIZON, "test": {"easy": 30, "medium": 50, "hard": 70}}[split]
-    return Task(id=f"webgym/{row.get('task_id', lineno)}", url=url, goal=row["task_name"], judge=judge,
+    task_id = row["task_id"] if row.get("task_id") not in (None, "") else lineno
+    return Task(id=f"webgym/{task_id}", url=url, goal=row["task_name"], judge=judge,
                 difficulty=diff, split=split, family=urlsplit(url).hostname or url, max_steps=horizon[diff],
                 rubric=rubric)
 
@@ -192,8 +193,8 @@ def load_webgym_tasks(path: str | Path, split: str | None = None, judge: str = "
             if isinstance(row, str):
                 row = json.loads(row)
             tasks.append(_task_row(row, lineno, split, judge))
-        except (ValueError, RecursionError) as e:
-            message = f"{path}:{lineno}: {type(e).__name__ + ': ' if isinstance(e, RecursionError) else ''}{e}"
+        except (ValueError, RecursionError) as e:  # RecursionError: JSON nested deeper than Python's stack
+            message = f"{path}:{lineno}: {e if isinstance(e, ValueError) else 'nested too deeply to read'}"
             if strict:
                 raise TaskFileError(message) from None
             bad += 1

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -206,8 +207,6 @@ CHOICES = dict(engine=("auto", "hf", "vllm"), split=("train", "test"), constrain
 
 def validate(cfg: TrainConfig) -> None:
     """Types, bounds and choices of every field: one clear sentence for the first one that is wrong."""
-    import math
-
     for f in dataclasses.fields(TrainConfig):
         value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
         kind = {"int": int, "float": (int, float), "bool": bool, "str": str}[f.type]
@@ -239,7 +238,8 @@ def check(cfg: TrainConfig, dry_run: bool = False) -> None:
     if not dry_run and not model.exists() and model.resolve() != policy_mod.TINY_MODEL_DIR.resolve():
         if cfg.model.startswith((".", "/", "~")) or os.environ.get("HF_HUB_OFFLINE") == "1" or model.suffix:
             raise UsageError(f"--model {cfg.model}: no such directory (and not a hub name that can be fetched)")
-    if model.exists() and not (model / "config.json").is_file() and model.resolve() != policy_mod.TINY_MODEL_DIR.resolve():
+    tiny = model.resolve() == policy_mod.TINY_MODEL_DIR.resolve()  # built on first use
+    if model.exists() and not (model / "config.json").is_file() and not tiny:
         raise UsageError(f"--model {cfg.model}: not a model directory (no config.json in it)")
     import importlib.util
 

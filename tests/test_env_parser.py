@@ -141,7 +141,7 @@ def test_rubric_keywords_judge():
     ("{not json", r"bad\.jsonl:1: Expecting property name"),
     ("[1, 2]", r"bad\.jsonl:1: expected a JSON object"),
     ("[{]", r"bad\.jsonl: cannot read tasks"),  # a JSON list that does not parse has no rows to skip
-    ('{"task_name": "x", "website": "a.com", "evaluator_reference": ' + "[" * 50000 + "\n", r"bad\.jsonl:1: Recursion"),
+    ('{"task_name": "x", "website": "a.com", "evaluator_reference": ' + "[" * 50000 + "\n", r"bad\.jsonl:1: nested too deeply"),
     ("", r"bad\.jsonl: no tasks"),
 ])
 def test_bad_task_file_names_the_file_and_the_field(tmp_path, content, message):
