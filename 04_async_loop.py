@@ -194,7 +194,7 @@ class BrowserEnvs:
 
 class GroupBuffer:
     def __init__(self, capacity: int):
-        self.capacity = capacity
+        self.capacity = capacity  # groups; the pool admits no new episode while the buffer is full
         self._groups: collections.deque[Group] = collections.deque()
         self._cond = threading.Condition()
 
@@ -281,7 +281,7 @@ class RolloutPool:
         if c.mode == "sync":  # only the current weights, and exactly one batch per version
             return self.sampler.version == version and running + accepted < (version + 1) * batch
         return (running + accepted < (c.max_staleness + version + 1) * batch
-                and len(self.buffer) < (c.buffer_groups or (c.max_staleness + 1) * c.batch_groups))
+                and len(self.buffer) < self.buffer.capacity)
 
     def wake(self) -> None:
         """Something changed (episode done, new version, groups consumed): let waiting workers re-check."""

@@ -12,10 +12,11 @@ import pytest
 import torch
 from fakes import FakeEnvs, FakeLearner, FakeSampler, constant, long_tail
 
-from asyncwebrl import load
+from asyncwebrl import ROOT, load
 
 env = load("01_env")
 aloop = load("04_async_loop")
+pol_mod = load("02_policy")
 
 TASKS = [env.Task(f"fake/t{i}", "fake://", "goal", "miniwob", "easy", "train", f"t{i}") for i in range(5)]
 
@@ -28,7 +29,21 @@ def make_loop(store=None, envs=None, sampler=None, train_s=0.01, **cfg):
     cfg = {"workers": 6, "group_size": 2, "batch_groups": 2, "updates": 6, **cfg}
     loop = aloop.Loop(aloop.LoopConfig(**cfg), envs, sampler, learner, TASKS, store)
     learner.loop = loop
+    run = loop.run
+
+    def run_or_give_up():  # a loop that stops making progress fails its test (too few updates) instead of hanging
+        watchdog = threading.Timer(WATCHDOG_S, loop.stop.set)
+        watchdog.start()
+        try:
+            return run()
+        finally:
+            watchdog.cancel()
+
+    loop.run = run_or_give_up
     return loop, learner, envs, sampler, store
+
+
+WATCHDOG_S = 60  # every fake loop here ends in seconds, on a loaded machine too
 
 
 @pytest.mark.slow
@@ -180,11 +195,13 @@ def test_shutdown_is_clean_on_keyboard_interrupt():
     assert loop.version > 0  # it was really running
 
 
-def test_a_loop_whose_groups_are_all_rejected_says_so_instead_of_hanging_quietly(capsys):
+@pytest.mark.parametrize("batch_groups, first", [(2, 20), (3, 30)])
+def test_a_loop_whose_groups_are_all_rejected_says_so_instead_of_hanging_quietly(capsys, batch_groups, first):
     """Every episode fails, so every group has equal rewards and dynamic sampling rejects it: no update can form.
-    The pool says so after 20 groups in a row (and at each doubling); the run is then stopped from outside."""
+    The pool says so after max(20, 10 B) groups in a row and at each power of two after; the run is then stopped
+    from outside."""
     store = env.ScreenshotStore()
-    loop, learner, *_ = make_loop(store, envs=FakeEnvs(store, p_success=0.0), updates=2)
+    loop, learner, *_ = make_loop(store, envs=FakeEnvs(store, p_success=0.0), updates=2, batch_groups=batch_groups)
     watchdog = threading.Timer(30, loop.stop.set)
     watchdog.start()
 
@@ -199,8 +216,8 @@ def test_a_loop_whose_groups_are_all_rejected_says_so_instead_of_hanging_quietly
         watchdog.cancel()
     out = capsys.readouterr().out
     assert learner.batches == [] and loop.stats.groups_rejected >= 40
-    assert "the last 20 groups were rejected" in out and "the last 32 groups were rejected" in out
-    assert "the last 21 groups" not in out and "--no-dynamic-sampling" in out
+    said = [int(line.split("the last ")[1].split()[0]) for line in out.splitlines() if "groups were rejected" in line]
+    assert said == [first, 32] and "--no-dynamic-sampling" in out
 
 
 def test_batched_inference_serves_many_workers_per_call():
@@ -362,11 +379,12 @@ def test_a_group_that_finishes_late_is_trained_stale_as_released_or_dropped_when
         assert max(m["staleness_max"] for m in loop.history) >= 3  # the metric reports what was trained
 
 
-def test_a_group_abandoned_after_a_sibling_finished_is_counted_once_and_freed():
-    """Group 0's second episode fails only after its sibling has finished (an event), every time it is retried:
-    the group is abandoned with the sibling's finished trajectory in it, which is counted abandoned (not trained,
-    not lost), and its screenshots are freed."""
+def test_a_group_abandoned_after_a_sibling_finished_is_counted_once_and_freed(capsys):
+    """In groups 0 and 1 the second episode fails only after its sibling has finished (an event), every time it is
+    retried: each group is abandoned with the sibling's finished trajectory in it, which is counted abandoned (not
+    trained, not lost); their screenshots are freed, no worker dies, and no other group is left waiting."""
     store = env.ScreenshotStore()
+    doomed = (0, 1)
 
     class FailsAfterSibling(FakeEnvs):
         def slot(self, i):
@@ -374,8 +392,9 @@ def test_a_group_abandoned_after_a_sibling_finished_is_counted_once_and_freed():
             real = s.reset
 
             async def reset(task, seed, episode):
-                if episode.startswith("g0.1."):
-                    while not (loop.pool.open.get(0) and loop.pool.open[0].trajectories) and 0 in loop.pool.open:
+                group = int(episode[1:].split(".")[0])
+                if group in doomed and episode.split(".")[1] == "1":
+                    while group in loop.pool.open and not loop.pool.open[group].trajectories:
                         await asyncio.sleep(0.001)
                     raise RuntimeError("the page died after its sibling finished")
                 return await real(task, seed, episode)
@@ -383,13 +402,103 @@ def test_a_group_abandoned_after_a_sibling_finished_is_counted_once_and_freed():
             s.reset = reset
             return s
 
-    loop, learner, *_ = make_loop(store, envs=FailsAfterSibling(store, length=constant(1)), updates=4, workers=4,
+    loop, learner, *_ = make_loop(store, envs=FailsAfterSibling(store, length=constant(1)), updates=6, workers=4,
                                   group_size=2, batch_groups=1, slot_retries=2, dynamic_sampling=False)
     loop.run()
     ledger, stats = loop.ledger(), loop.stats
-    sibling = [t for t in loop.pool.trajectory_log if t.group == 0]
-    assert len(sibling) == 1 and stats.env_errors == 2 and ledger["abandoned"] == 1  # retried once, then given up
-    assert sibling[0].id not in {tid for batch in learner.batches for _, tid, _ in batch}
+    siblings = [t for t in loop.pool.trajectory_log if t.group in doomed]
+    assert len(siblings) == 2 and stats.env_errors == 4 and ledger["abandoned"] == 2  # each retried once
+    assert not {t.id for t in siblings} & {tid for batch in learner.batches for _, tid, _ in batch}
     assert ledger["finished"] == ledger["trained"] + ledger["rejected"] + ledger["dropped_stale"] + \
-        ledger["abandoned"] + ledger["leftover"] and ledger["trained"] == 4 * 2
-    assert not any(k.startswith("g0.") for k in store._bytes) and 0 not in loop.pool.open
+        ledger["abandoned"] + ledger["leftover"] and ledger["trained"] == 6 * 2
+    assert not any(k.startswith(("g0.", "g1.")) for k in store._bytes) and not set(doomed) & set(loop.pool.open)
+    assert " died: " not in capsys.readouterr().out  # abandoning never raised inside a worker (it would be replaced)
+    newest = max(g for g in loop.pool.open) if loop.pool.open else 0
+    assert all(g >= newest - 4 for g in loop.pool.open)  # no admitted group lost its waiting slots
+
+
+def test_a_group_whose_every_episode_fails_is_abandoned_once(capsys):
+    """Both episodes of group 0 fail while both run (an event: each waits for the other to start): the second
+    failure finds the group already given up, which must be neither an error nor a second count."""
+    store = env.ScreenshotStore()
+    started = set()
+
+    class BothFail(FakeEnvs):
+        def slot(self, i):
+            s = super().slot(i)
+            real = s.reset
+
+            async def reset(task, seed, episode):
+                if episode.startswith("g0."):
+                    started.add(episode)
+                    while len(started) < 2 and not loop.stop.is_set():
+                        await asyncio.sleep(0.001)
+                    raise RuntimeError("both pages of group 0 die")
+                return await real(task, seed, episode)
+
+            s.reset = reset
+            return s
+
+    loop, learner, *_ = make_loop(store, envs=BothFail(store, length=constant(1)), updates=3, workers=4,
+                                  group_size=2, batch_groups=1, slot_retries=1, dynamic_sampling=False)
+    loop.run()
+    assert " died: " not in capsys.readouterr().out
+    assert loop.stats.env_errors == 2 and loop.stats.abandoned == 0 and loop.stats.trained == 3 * 2
+    assert all(t.group != 0 for t in loop.pool.trajectory_log) and 0 not in loop.pool.open
+
+
+def _traj(tid, group, reward, tokens, versions, errors=()):
+    steps = [aloop.Step(None, pol_mod.Sample("", [7] * n, [-1.0] * n, v, False), "syntax" if k in errors else None)
+             for k, (n, v) in enumerate(zip(tokens, versions))]
+    return aloop.Trajectory(tid, group, "t", 0, f"e{tid}", steps, reward=reward)
+
+
+def test_per_update_metrics_by_hand():
+    """The numbers behind figs. 2-4 and the staleness columns, worked by hand: a success in 2 steps (3 and 5
+    tokens), a failure in 3 steps (2 tokens each, one malformed), a partial reward 0.5 in 1 step (4 tokens), which
+    counts as a success (reward > 0), sampled at versions 4-5, 3-4 and 5, trained at version 6."""
+    a = _traj(0, 0, 1.0, [3, 5], [4, 5])
+    b = _traj(1, 0, 0.0, [2, 2, 2], [3, 3, 4], errors=(1,))
+    c = _traj(2, 1, 0.5, [4], [5])
+    m = aloop.rollout_metrics([a, b, c])
+    assert m == dict(rollout_trajectories=3, rollout_success=pytest.approx(2 / 3), rollout_steps=2.0,
+                     rollout_steps_success=1.5, rollout_steps_failure=3.0, rollout_tokens_per_step=3.0)
+    groups = [aloop.Group(0, None, 0, [a, b]), aloop.Group(1, None, 0, [c])]
+    m = aloop.batch_metrics(groups, version=6)
+    assert m == dict(success=pytest.approx(2 / 3), trajectories=3, samples=6, steps=2.0, steps_success=1.5,
+                     steps_failure=3.0, tokens_per_step=3.0, invalid_actions=pytest.approx(1 / 6),
+                     staleness_mean=2.0, staleness_max=3)
+    empty = aloop.rollout_metrics([])
+    assert empty["rollout_trajectories"] == 0 and all(v != v for k, v in empty.items() if k != "rollout_trajectories")
+
+
+def test_the_stall_warning_reaches_a_piped_log_while_the_run_is_still_going(tmp_path):
+    """A training log is usually a pipe or a file, which Python buffers in blocks: the pool's warning must be
+    flushed when it is said, not when the process exits. A child process runs a loop that stalls (every group
+    rejected); the warning must arrive while the child is still running."""
+    import os
+    import selectors
+    import subprocess
+    import sys
+
+    script = tmp_path / "stall.py"
+    script.write_text("import test_async_loop as t\n"
+                      "store = t.env.ScreenshotStore()\n"
+                      "loop, *_ = t.make_loop(store, envs=t.FakeEnvs(store, p_success=0.0), updates=2)\n"
+                      "loop.run()\n")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as most machines are
+    child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             env={**environ, "PYTHONPATH": os.pathsep.join([tests, str(ROOT)])}, text=True)
+    try:
+        selector = selectors.DefaultSelector()
+        selector.register(child.stdout, selectors.EVENT_READ)
+        deadline, line = time.monotonic() + 30, ""
+        while "groups were rejected" not in line and time.monotonic() < deadline and child.poll() is None:
+            if selector.select(timeout=0.5):
+                line = child.stdout.readline()
+        assert "groups were rejected" in line, "no warning arrived while the run was stalled"
+        assert child.poll() is None  # it came while the run was still going, not at exit
+    finally:
+        child.kill()
+        child.wait()

@@ -233,6 +233,14 @@ def test_compare_sync_writes_the_benchmark_json_and_figure(tmp_path):
     assert set(saved["timelines"]) == {"sync", "async (full)"} and summary["commit"]
     assert saved["config"]["dynamic_sampling"] is False and by["sync"]["vs_sync"] == 1.0  # the pipeline, not luck
 
+    def overlap(spans):  # seconds in which a browser worker stepped while the trainer trained
+        train = [(x["start"], x["end"]) for x in spans if x["component"] == "trainer" and x["kind"] == "train"]
+        steps = [(x["start"], x["end"]) for x in spans if x["component"].startswith("env/")]
+        return sum(max(0.0, min(b, d) - max(a, c)) for a, b in train for c, d in steps)
+
+    # what async buys, whatever the speeds on this machine: rollout goes on during training; sync never does
+    assert overlap(saved["timelines"]["sync"]) < 0.01 < overlap(saved["timelines"]["async (full)"])
+
 
 @pytest.mark.slow
 def test_sharded_update_over_two_gloo_processes_equals_the_single_process_update(tiny_dir, tmp_path):

@@ -1,0 +1,37 @@
+"""Mutation score of the loss (03) and the loop (04) from a finished `mutmut run` (see README, "Mutation testing").
+
+    pip install -e .[mutation] && mutmut run --max-children 2 && python tests/mutation_score.py
+
+A mutant counts as killed when a test failed or timed out on it (a mutant that makes the loop hang is caught). Left
+out of the score, as they are not the loss or the loop's scheduling and learning: the demos and figures (main,
+real_run, _figure, which no test runs), the real-browser wiring (BrowserEnvs) and the Timeline. Prints the score
+of each part and every surviving mutant's name (`mutmut show NAME` prints its diff).
+"""
+import subprocess
+import sys
+
+LEFT_OUT = ("x_main_", "x_real_run_", "x__figure_", "xǁBrowserEnvsǁ", "xǁTimelineǁ")
+
+
+def results() -> list[tuple[str, str]]:
+    out = subprocess.run(["mutmut", "results", "--all", "true"], capture_output=True, text=True, check=True).stdout
+    rows = [line.strip().rsplit(": ", 1) for line in out.splitlines() if ": " in line]
+    return [(name, status) for name, status in rows if name.startswith(("03_grpo_loss.", "04_async_loop."))]
+
+
+def main() -> int:
+    rows = [(n, s) for n, s in results() if not n.split(".", 1)[1].startswith(LEFT_OUT)]
+    for part, prefix in (("loss (03_grpo_loss.py)", "03_"), ("loop (04_async_loop.py)", "04_")):
+        mine = [(n, s) for n, s in rows if n.startswith(prefix)]
+        killed = sum(s in ("killed", "timeout") for _, s in mine)
+        other = sorted({s for _, s in mine} - {"killed", "timeout", "survived"})
+        print(f"{part}: {killed} of {len(mine)} killed ({100 * killed / max(len(mine), 1):.1f}%)"
+              + (f"; not run: {other}" if other else ""))
+        for n, s in mine:
+            if s == "survived":
+                print(f"  survived: {n}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
