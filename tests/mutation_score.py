@@ -2,7 +2,8 @@
 
     pip install -e .[mutation] && mutmut run --max-children 2 && python tests/mutation_score.py
 
-A mutant counts as killed when a test failed or timed out on it (a mutant that makes the loop hang is caught). Left
+A mutant counts as killed when a test failed on it, timed out (a mutant that makes the loop hang is caught) or
+crashed the test process (segfault). A mutant mutmut has not run yet is counted apart, never as killed. Left
 out of the score, as they are not the loss or the loop's scheduling and learning: the demos and figures (main,
 real_run, _figure, which no test runs), the real-browser wiring (BrowserEnvs) and the Timeline. Prints the score
 of each part and every surviving mutant's name (`mutmut show NAME` prints its diff).
@@ -23,10 +24,11 @@ def main() -> int:
     rows = [(n, s) for n, s in results() if not n.split(".", 1)[1].startswith(LEFT_OUT)]
     for part, prefix in (("loss (03_grpo_loss.py)", "03_"), ("loop (04_async_loop.py)", "04_")):
         mine = [(n, s) for n, s in rows if n.startswith(prefix)]
-        killed = sum(s in ("killed", "timeout") for _, s in mine)
-        other = sorted({s for _, s in mine} - {"killed", "timeout", "survived"})
-        print(f"{part}: {killed} of {len(mine)} killed ({100 * killed / max(len(mine), 1):.1f}%)"
-              + (f"; not run: {other}" if other else ""))
+        run = [(n, s) for n, s in mine if s != "not checked"]
+        killed = sum(s in ("killed", "timeout", "segfault") for _, s in run)
+        print(f"{part}: {killed} of {len(run)} killed ({100 * killed / max(len(run), 1):.1f}%)"
+              + (f"; {len(mine) - len(run)} not run yet" if len(run) < len(mine) else "")
+              + "".join(f"; {s}: {sum(x == s for _, x in run)}" for s in sorted({x for _, x in run}) if s != "killed"))
         for n, s in mine:
             if s == "survived":
                 print(f"  survived: {n}")
