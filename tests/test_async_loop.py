@@ -493,7 +493,7 @@ def test_the_stall_warning_reaches_a_piped_log_while_the_run_is_still_going(tmp_
     try:
         selector = selectors.DefaultSelector()
         selector.register(child.stdout, selectors.EVENT_READ)
-        deadline, line = time.monotonic() + 30, ""
+        deadline, line = time.monotonic() + WATCHDOG_S / 2, ""  # the child runs until its watchdog, at least
         while "groups were rejected" not in line and time.monotonic() < deadline and child.poll() is None:
             if selector.select(timeout=0.5):
                 line = child.stdout.readline()
@@ -514,3 +514,28 @@ def test_the_task_sampler_follows_the_seed():
     assert draws(3) == draws(3) and draws(3) != draws(4)
     first_round = [task for task, _ in draws(3)[:len(TASKS)]]
     assert sorted(first_round) == sorted(t.id for t in TASKS)
+
+
+def test_the_admission_rule_by_hand():
+    """A new episode starts only while running + accepted < (max_staleness + version + 1) * B * G (trajectories;
+    a dropped group's no longer count as accepted), the buffer has room, and no drain is under way."""
+    loop, *_ = make_loop(max_staleness=1, batch_groups=1, group_size=2)
+    pool = loop.pool  # B G = 2: at version 0 the bound is (1 + 0 + 1) * 2 = 4
+    pool.accepted, pool.in_flight = 2, 1
+    assert pool._admit()  # 1 + 2 < 4
+    pool.in_flight = 2
+    assert not pool._admit()  # 2 + 2 = 4
+    pool.stats.dropped_stale = 2  # a dropped group frees its admission: 2 + 0 < 4
+    assert pool._admit()
+    pool.open[7] = aloop.Group(7, None, 0, [_traj(0, 7, 0.0, [1], [0])])  # a finished member waits for its sibling
+    assert pool._admit()  # running = 2 in flight + 1 waiting: 3 + 0 < 4
+    pool.stats.dropped_stale = 0
+    assert not pool._admit()  # 3 + 2 = 5
+    loop.version = 2  # (1 + 2 + 1) * 2 = 8 > 5
+    assert pool._admit()
+    pool.draining = True
+    assert not pool._admit()
+    pool.draining = False
+    for g in range(loop.buffer.capacity):  # a full buffer: back-pressure
+        loop.buffer.put(aloop.Group(g, None, 0, []))
+    assert loop.buffer.capacity == 2 and not pool._admit()

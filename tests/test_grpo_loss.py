@@ -35,6 +35,12 @@ def test_group_advantages_by_hand():
         L.group_advantages(rewards, group, std="sample")
 
 
+def test_group_advantages_of_no_trajectories_is_empty_with_no_degenerate_group():
+    for std in ("unbiased", "population"):
+        adv, degenerate = L.group_advantages(torch.tensor([]), torch.tensor([], dtype=torch.long), std=std)
+        assert adv.numel() == 0 and degenerate == 0
+
+
 def test_step_advantages_by_hand():
     r_hat = torch.tensor([2.0, -1.0], dtype=F64)
     steps = torch.tensor([4, 10])
@@ -89,6 +95,19 @@ def test_clipping_and_dual_clip_by_hand():
     # clip bounds token (1,0)
     assert metrics["clip_frac"] == pytest.approx(1 / 6)
     assert metrics["dual_clip_frac"] == pytest.approx(1 / 6)
+
+
+def test_without_the_dual_clip_a_negative_advantage_at_a_high_ratio_costs_its_full_ratio():
+    # the same token (1,0) as above, A < 0 at rho = 4: plain PPO (dual_clip=None) keeps 4 |A| and its gradient
+    logp = torch.zeros(3, 3, dtype=F64)
+    logp[1, 0] = math.log(4.0)
+    b = batch(logp=logp.requires_grad_(True))
+    loss, metrics = L.grpo_loss(**b, cfg=L.LossConfig(normalizer="const", dual_clip=None))
+    loss.backward()
+    a0, a1 = R / 10, -R / 10
+    assert float(loss) == pytest.approx((-2 * a0 - 4 * a1 - 3 * a1) / 6)
+    assert b["logp"].grad[1, 0] == pytest.approx(-a1 * 4 / 6)
+    assert metrics["dual_clip_frac"] == 0 and metrics["clip_frac"] == 0
 
 
 def test_the_clip_that_binds_for_a_negative_advantage_is_the_lower_one():
@@ -313,3 +332,39 @@ def test_clip_rates_of_fig5_by_hand_when_the_behaviour_policy_is_stale():
         assert m["iw_mean"] == pytest.approx(2.0) and m["iw_max"] == pytest.approx(2.0)
         assert m["approx_kl_behave"] == pytest.approx(math.log(0.5)) and m["approx_kl_prox"] == 0
         assert m["dual_clip_frac"] == 0 and m["iw_over_cap_frac"] == 0 and m["tokens"] == 6
+
+
+def test_boundaries_the_mutation_run_found_untested():
+    """Edges no other test pinned down (each found by mutation testing, tests/MUTATION.md)."""
+    # an importance weight exactly at the cap is kept: only tokens *above* it are dropped (w = exp(2 ln 2) = 4)
+    b = batch(prox_logp=torch.full((3, 3), 2 * math.log(2.0), dtype=F64))
+    _, m = L.grpo_loss(**b, cfg=L.LossConfig(iw_cap=4.0))
+    assert m["iw_mean"] == 4.0 and m["iw_over_cap_frac"] == 0
+    # token_agg="step": a step row with no reply token is not a step; one step of 2 tokens: loss = -A
+    zeros = torch.zeros(2, 2, dtype=F64)
+    one = dict(logp=zeros.clone().requires_grad_(True), prox_logp=zeros, behave_logp=zeros,
+               mask=torch.tensor([[1.0, 1.0], [0.0, 0.0]], dtype=F64), step_traj=torch.tensor([0, 1]),
+               traj_reward=torch.tensor([1.0, 0.0], dtype=F64), traj_group=torch.tensor([0, 0]),
+               traj_steps=torch.tensor([1, 1]))
+    loss, _ = L.grpo_loss(**one, cfg=L.LossConfig(token_agg="step"))
+    assert float(loss) == pytest.approx(-R / 10)
+    # a metric over one token is that token's value; over no token it is 0
+    single = dict(one, mask=torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=F64),
+                  behave_logp=torch.full((2, 2), -math.log(2.0), dtype=F64))
+    m = L.grpo_loss(**single)[1]
+    assert m["iw_mean"] == pytest.approx(2.0) and m["token_weight_success"] == pytest.approx(R / 10)  # |A| / 1 token
+    _, empty = L.grpo_loss(**dict(one, mask=torch.zeros(2, 2, dtype=F64)))
+    assert empty["clip_frac"] == 0 and empty["iw_mean"] == 0 and empty["iw_max"] == 0 and empty["tokens"] == 0
+    # a batch with no success (no failure) has no mean advantage of successes (failures): 0, not a made-up value
+    for rewards, key in (([0.0, 0.0], "adv_success_mean"), ([1.0, 1.0], "adv_failure_mean")):
+        assert L.grpo_loss(**dict(one, traj_reward=torch.tensor(rewards, dtype=F64)))[1][key] == 0
+    # the loss comes out in the model's dtype (float32 here), whatever the mask's (bool, as Policy.logprobs gives)
+    f32 = {k: (v.float() if v.is_floating_point() else v) for k, v in batch().items()}
+    f32["logp"] = f32["logp"].detach().requires_grad_(True)
+    loss, _ = L.grpo_loss(**dict(f32, mask=f32["mask"] > 0))
+    assert loss.dtype == torch.float32
+    # bad choices are named
+    with pytest.raises(ValueError, match="normalizer must be 'traj' or 'const'"):
+        L.step_advantages(torch.zeros(1), torch.ones(1), "tokens", 10)
+    with pytest.raises(ValueError, match="token_agg must be 'batch' or 'step'"):
+        L.grpo_loss(**batch(), cfg=L.LossConfig(token_agg="token"))

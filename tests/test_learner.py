@@ -107,9 +107,10 @@ def test_decoupled_learner_computes_pi_prox_once_and_weights_by_pi_prox_over_pi_
         groups.append(aloop.Group(g, None, 0, trajs))
     learner = aloop.Learner(policy, None, cfg=aloop.LearnerConfig(epochs=2, minibatches=2, grad_clip=1e9))
     learner.optimizer = torch.optim.SGD(policy.model.parameters(), lr=0.5)  # large steps: a late pi_prox would show
-    steps = []
+    steps, norms = [], []
     step = learner.optimizer.step
-    learner.optimizer.step = lambda *a, **k: (steps.append(policy.model.theta.detach().clone()), step(*a, **k))
+    learner.optimizer.step = lambda *a, **k: (steps.append(policy.model.theta.detach().clone()),
+                                              norms.append(float(policy.model.theta.grad.norm())), step(*a, **k))
     m = learner.update(groups)
 
     prox_calls = [c for c in policy.calls if not c[0]]
@@ -122,3 +123,4 @@ def test_decoupled_learner_computes_pi_prox_once_and_weights_by_pi_prox_over_pi_
     assert m["iw_mean"] == pytest.approx(sum(ratio[t] for t in tokens) / len(tokens), rel=1e-6)
     assert m["iw_over_cap_frac"] == pytest.approx(sum(ratio[t] > 5 for t in tokens) / len(tokens))
     assert m["iw_max"] == pytest.approx(6.0)
+    assert m["grad_norm"] == pytest.approx(sum(norms) / len(norms))  # the mean over the 4 optimizer steps
