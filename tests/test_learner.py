@@ -7,6 +7,7 @@ from asyncwebrl import load
 env = load("01_env")
 pol = load("02_policy")
 aloop = load("04_async_loop")
+loss_mod = load("03_grpo_loss")
 
 
 def group_of(policy, replies_rewards, gid=0):
@@ -86,7 +87,7 @@ class ThetaPolicy:
         return logp, mask
 
 
-def test_decoupled_learner_computes_pi_prox_once_and_weights_by_pi_prox_over_pi_behave():
+def test_decoupled_learner_computes_pi_prox_once_and_weights_by_pi_prox_over_pi_behave(monkeypatch):
     """2 epochs x 2 minibatches of off-policy data (pi_behave != pi_prox): pi_prox is one no-grad pass over every row
     at the start weights, before the first optimizer step, and never again; the importance weights the loss uses
     are pi_prox / pi_behave (known here by construction), with the tokens above the cap counted."""
@@ -95,7 +96,7 @@ def test_decoupled_learner_computes_pi_prox_once_and_weights_by_pi_prox_over_pi_
     lp0 = theta0.log_softmax(-1)
     ratio = {0: 0.5, 1: 2.0, 2: 1.0, 3: 6.0, 4: 1.5, 5: 0.8}  # w = pi_prox / pi_behave of each token id; 6 > cap
     # replies of equal length, so that the metrics' mean over minibatches is the mean over tokens
-    replies = [([0, 1], 1.0), ([2, 3], 0.0), ([3, 4], 1.0), ([1, 2], 0.0), ([4, 5], 0.0), ([5, 0], 1.0)]
+    replies = [([0, 1], 1.0), ([2, 3], 0.0), ([3, 4], 1.0), ([1, 2], 0.0), ([4, 5], 0.0), ([5, 0], 0.0)]  # 3rd: all 0
     groups, n = [], 0
     for g, members in enumerate((replies[:2], replies[2:4], replies[4:])):
         trajs = []
@@ -105,12 +106,17 @@ def test_decoupled_learner_computes_pi_prox_once_and_weights_by_pi_prox_over_pi_
             trajs.append(aloop.Trajectory(n, g, "t", 0, f"e{n}", [aloop.Step(None, sample, None)], reward=reward))
             n += 1
         groups.append(aloop.Group(g, None, 0, trajs))
-    learner = aloop.Learner(policy, None, cfg=aloop.LearnerConfig(epochs=2, minibatches=2, grad_clip=1e9))
+    learner = aloop.Learner(policy, None, loss_mod.LossConfig(iw_cap=1.8),  # a cap of its own: the loss must use it
+                            aloop.LearnerConfig(epochs=2, minibatches=2, grad_clip=1e9, lr=0.25, weight_decay=0.5))
+    assert (learner.optimizer.defaults["lr"], learner.optimizer.defaults["weight_decay"]) == (0.25, 0.5)  # AdamW's
     learner.optimizer = torch.optim.SGD(policy.model.parameters(), lr=0.5)  # large steps: a late pi_prox would show
     steps, norms = [], []
     step = learner.optimizer.step
     learner.optimizer.step = lambda *a, **k: (steps.append(policy.model.theta.detach().clone()),
                                               norms.append(float(policy.model.theta.grad.norm())), step(*a, **k))
+    losses, grpo_loss = [], loss_mod.grpo_loss
+    monkeypatch.setattr(loss_mod, "grpo_loss", lambda *a, **k: (lambda r: (losses.append(float(r[0])), r)[1])(
+        grpo_loss(*a, **k)))
     m = learner.update(groups)
 
     prox_calls = [c for c in policy.calls if not c[0]]
@@ -121,6 +127,9 @@ def test_decoupled_learner_computes_pi_prox_once_and_weights_by_pi_prox_over_pi_
     assert len(steps) == 2 * 2 and not torch.equal(steps[1], steps[0])  # 4 optimizer steps; the weights moved
     tokens = [t for ids, _ in replies for t in ids]
     assert m["iw_mean"] == pytest.approx(sum(ratio[t] for t in tokens) / len(tokens), rel=1e-6)
-    assert m["iw_over_cap_frac"] == pytest.approx(sum(ratio[t] > 5 for t in tokens) / len(tokens))
+    assert m["iw_over_cap_frac"] == pytest.approx(sum(ratio[t] > 1.8 for t in tokens) / len(tokens))  # 4 of 12
     assert m["iw_max"] == pytest.approx(6.0)
     assert m["grad_norm"] == pytest.approx(sum(norms) / len(norms))  # the mean over the 4 optimizer steps
+    assert m["tokens"] == len(tokens) == 12  # a count over one pass, not summed over epochs or minibatches
+    assert m["degenerate_groups"] == 1  # the third group's rewards are equal: counted once, not per step
+    assert len(losses) == 4 and m["loss"] == pytest.approx(sum(losses) / 4)  # the mean over the optimizer steps
