@@ -20,9 +20,11 @@ def long_tail(short, long, p_long):
 
 
 class FakeEnvs:
-    def __init__(self, store, length=constant(3), step_s=0.002, p_success=0.5, fail_every=0, jpeg=None):
+    def __init__(self, store, length=constant(3), step_s=0.002, p_success=0.5, fail_every=0, jpeg=None,
+                 before_reset=None):
         self.store, self.length, self.step_s, self.p_success, self.fail_every = store, length, step_s, p_success, \
             fail_every
+        self.before_reset = before_reset  # async (task, episode) -> None, may raise: a scripted env failure
         self.jpeg = jpeg  # a real screenshot (JPEG bytes) for a real policy; None: a few bytes that only fakes read
         self.slots, self.resets, self.started, self.closed = [], 0, False, False
 
@@ -54,6 +56,8 @@ class FakeEnv:
         o.resets += 1
         if o.fail_every and o.resets % o.fail_every == 0:
             raise RuntimeError("scripted env failure")
+        if o.before_reset is not None:
+            await o.before_reset(task, episode)
         rng = random.Random(episode)  # scripted per episode: its length and its reward
         self.task, self.episode, self.t = task, episode, 0
         self.steps, self.reward = o.length(rng), float(rng.random() < o.p_success)

@@ -154,20 +154,11 @@ def test_a_worker_whose_env_raises_is_restarted_and_the_pool_keeps_its_size():
 def test_an_env_that_always_raises_abandons_its_group_and_training_goes_on():
     store = env.ScreenshotStore()
 
-    class Broken(FakeEnvs):
-        def slot(self, i):
-            s = super().slot(i)
-            real = s.reset
+    async def broken(task, episode):
+        if task.id == "fake/t0":
+            raise RuntimeError("broken page")
 
-            async def reset(task, seed, episode):
-                if task.id == "fake/t0":
-                    raise RuntimeError("broken page")
-                return await real(task, seed, episode)
-
-            s.reset = reset
-            return s
-
-    loop, *_ = make_loop(store, envs=Broken(store), updates=4)
+    loop, *_ = make_loop(store, envs=FakeEnvs(store, before_reset=broken), updates=4)
     loop.run()
     assert loop.stats.trained == 4 * 2 * 2 and loop.stats.env_errors >= 2
     assert all(t.task != "fake/t0" for t in loop.pool.trajectory_log)
@@ -386,24 +377,16 @@ def test_a_group_abandoned_after_a_sibling_finished_is_counted_once_and_freed(ca
     store = env.ScreenshotStore()
     doomed = (0, 1)
 
-    class FailsAfterSibling(FakeEnvs):
-        def slot(self, i):
-            s = super().slot(i)
-            real = s.reset
+    async def fails_after_sibling(task, episode):
+        group = int(episode[1:].split(".")[0])
+        if group in doomed and episode.split(".")[1] == "1":
+            while group in loop.pool.open and not loop.pool.open[group].trajectories:
+                await asyncio.sleep(0.001)
+            raise RuntimeError("the page died after its sibling finished")
 
-            async def reset(task, seed, episode):
-                group = int(episode[1:].split(".")[0])
-                if group in doomed and episode.split(".")[1] == "1":
-                    while group in loop.pool.open and not loop.pool.open[group].trajectories:
-                        await asyncio.sleep(0.001)
-                    raise RuntimeError("the page died after its sibling finished")
-                return await real(task, seed, episode)
-
-            s.reset = reset
-            return s
-
-    loop, learner, *_ = make_loop(store, envs=FailsAfterSibling(store, length=constant(1)), updates=6, workers=4,
-                                  group_size=2, batch_groups=1, slot_retries=2, dynamic_sampling=False)
+    envs = FakeEnvs(store, length=constant(1), before_reset=fails_after_sibling)
+    loop, learner, *_ = make_loop(store, envs=envs, updates=6, workers=4, group_size=2, batch_groups=1,
+                                  slot_retries=2, dynamic_sampling=False)
     loop.run()
     ledger, stats = loop.ledger(), loop.stats
     siblings = [t for t in loop.pool.trajectory_log if t.group in doomed]
@@ -423,24 +406,16 @@ def test_a_group_whose_every_episode_fails_is_abandoned_once(capsys):
     store = env.ScreenshotStore()
     started = set()
 
-    class BothFail(FakeEnvs):
-        def slot(self, i):
-            s = super().slot(i)
-            real = s.reset
+    async def both_fail(task, episode):
+        if episode.startswith("g0."):
+            started.add(episode)
+            while len(started) < 2 and not loop.stop.is_set():
+                await asyncio.sleep(0.001)
+            raise RuntimeError("both pages of group 0 die")
 
-            async def reset(task, seed, episode):
-                if episode.startswith("g0."):
-                    started.add(episode)
-                    while len(started) < 2 and not loop.stop.is_set():
-                        await asyncio.sleep(0.001)
-                    raise RuntimeError("both pages of group 0 die")
-                return await real(task, seed, episode)
-
-            s.reset = reset
-            return s
-
-    loop, learner, *_ = make_loop(store, envs=BothFail(store, length=constant(1)), updates=3, workers=4,
-                                  group_size=2, batch_groups=1, slot_retries=1, dynamic_sampling=False)
+    envs = FakeEnvs(store, length=constant(1), before_reset=both_fail)
+    loop, learner, *_ = make_loop(store, envs=envs, updates=3, workers=4, group_size=2, batch_groups=1,
+                                  slot_retries=1, dynamic_sampling=False)
     loop.run()
     assert " died: " not in capsys.readouterr().out
     assert loop.stats.env_errors == 2 and loop.stats.abandoned == 0 and loop.stats.trained == 3 * 2
