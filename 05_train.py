@@ -337,12 +337,12 @@ class Run:
         spent = 0.0
         for name, key in (("metrics.jsonl", "time_s"), ("timeline.jsonl", "end")):
             path = self.dir / name
-            rows = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-            for row in map(_parse_row, rows):
+            lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+            rows = [(line, _parse_row(line)) for line in lines]
+            for _, row in rows:
                 spent = max(spent, row.get(key, 0.0) if isinstance(row.get(key), (int, float)) else 0.0)
             if name == "metrics.jsonl" and rows:
-                keep = [r for r in rows if _parse_row(r).get("version", 0) <= version]
-                _write_atomic(path, "\n".join(keep))
+                _write_atomic(path, "\n".join(line for line, row in rows if row.get("version", 0) <= version))
         for folder in (self.dir / "trajectories").glob("v*"):
             if not folder.name[1:].isdigit() or int(folder.name[1:]) > version:
                 shutil.rmtree(folder, ignore_errors=True)

@@ -89,6 +89,30 @@ def test_a_config_file_is_validated_like_the_flags(tmp_path, capsys, content, me
     assert message in err and "Traceback" not in err and err.count("\n") == 1
 
 
+FIELD_VALUES = st.none() | st.booleans() | st.integers(-5, 10**12) | st.floats() | st.text(max_size=8) | \
+    st.lists(st.integers(), max_size=2) | st.dictionaries(st.text(max_size=3), st.integers(), max_size=2)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(st.sampled_from([f.name for f in dataclasses.fields(train.TrainConfig)] + ["bogus"]),
+                       FIELD_VALUES, max_size=4))
+def test_any_config_file_is_accepted_or_refused_in_one_line(tmp_path_factory, fields):
+    """Adversarial --config files (any field, any JSON value): a dry run validates them or says why in one line."""
+    import contextlib
+    import io
+
+    f = tmp_path_factory.mktemp("cfg") / "c.json"
+    f.write_text(json.dumps(fields))
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = train.main(["--dry-run", "--config", str(f)])
+    assert rc in (0, 2), err.getvalue()
+    if rc == 0:
+        train.validate(train.TrainConfig(**json.loads(out.getvalue()[out.getvalue().index("{"):])))
+    else:
+        assert err.getvalue().startswith("05_train.py: error: ") and err.getvalue().count("\n") == 1
+
+
 @pytest.mark.parametrize("content", ["", "{", "[]", '{"config": 3}', '{"commit": "x"}', "\x00\xff"])
 def test_resume_of_a_run_whose_config_json_is_broken_is_one_line(tmp_path, capsys, content):
     (tmp_path / "config.json").write_text(content, errors="surrogateescape")
