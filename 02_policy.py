@@ -16,9 +16,9 @@ This file defines, in reading order:
                       tokenizer and the Qwen image processor, saved with save_pretrained (no download, ever)
   ActionGrammar       optional constrained decoding: a random model can only write valid replies
   Policy              the training side: per-token log-probs of response tokens (with a mask), images included
-  Samplers            the rollout side, one interface, two engines: transformers `generate` (CPU, fallback) and
-                      vLLM (GPU); both return token ids + behaviour log-probs + the policy version, and load new
-                      weights atomically with respect to sampling
+  Samplers            the rollout side: transformers `generate` here (CPU, fallback), vLLM in
+                      asyncwebrl/vllm_engine.py (GPU); both return token ids + behaviour log-probs + the policy
+                      version, and load new weights from files, atomically with respect to sampling
 
 Run `python 02_policy.py` to build the tiny model (once) and let it act on one MiniWoB++ page.
 """
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from asyncwebrl import ROOT, load
+from asyncwebrl import ROOT, load, weights
 
 env = load("01_env")
 
@@ -55,7 +55,7 @@ class PolicyConfig:
     temperature: float = 1.0  # the paper samples at 1.0; log-probs for the loss use the same temperature
     constrained: bool | None = None  # grammar-constrained replies; None = on for the tiny model, off otherwise
     device: str | None = None  # None: cuda if available, else cpu
-    dtype: str | None = None  # None: bfloat16 on GPU, float32 on CPU
+    dtype: str | None = None  # compute dtype; None: bfloat16 on GPU, float32 on CPU (the trainer's weights stay fp32)
     gradient_checkpointing: bool = False  # trades compute for memory on big models; off on CPU
 
 
@@ -298,7 +298,9 @@ def load_model(cfg: PolicyConfig, trainable: bool):
     elif not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise FileNotFoundError(f"model {path!r}: no such directory, and HF_HUB_OFFLINE=1 forbids the hub")
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, cfg.dtype) if cfg.dtype else torch.bfloat16 if device.startswith("cuda") else torch.float32
+    # the trainer keeps fp32 master weights and computes in bf16 (autocast, or FSDP2's mixed precision): in bf16
+    # weights most AdamW steps at lr 5e-6 round away (half an ulp of a 0.02 weight is 6e-5)
+    dtype = torch.float32 if trainable else compute_dtype(cfg, device)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = AutoImageProcessor.from_pretrained(path, backend="pil") if device == "cpu" else \
@@ -310,6 +312,11 @@ def load_model(cfg: PolicyConfig, trainable: bool):
     if trainable and cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model, tokenizer, image_processor
+
+
+def compute_dtype(cfg: PolicyConfig, device: str | torch.device) -> torch.dtype:
+    return getattr(torch, cfg.dtype) if cfg.dtype else torch.bfloat16 if str(device).startswith("cuda") else \
+        torch.float32
 
 
 def constrained(cfg: PolicyConfig) -> bool:
@@ -454,6 +461,7 @@ class Policy(_Prompter):
         self.model, self.tokenizer, self.image_processor = load_model(cfg, trainable)
         self.grammar = ActionGrammar(self.tokenizer, cfg.max_new_tokens, cfg.memory_tokens) if constrained(cfg) else None
         self.tiny = is_tiny(cfg.model)  # asked now: a resumed run loads a checkpoint that is deleted later on
+        self.dtype = compute_dtype(cfg, self.device)  # the weights themselves are fp32 (load_model)
 
     @property
     def device(self):
@@ -463,17 +471,19 @@ class Policy(_Prompter):
         """log pi(token | prompt, earlier tokens) of every response token: ([S, T] float32, [S, T] mask).
         Same temperature and the same grammar mask as the sampler, so the numbers are comparable."""
         batch = encode(self.tokenizer, self.image_processor, [t.prompt for t in turns],
-                       [screenshots(store, t.images) for t in turns], responses)
+                       [screenshots(store, t.images) for t in turns], responses, pad_left=True)
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        resp = batch.pop("response_mask")
+        batch.pop("response_mask")
         width = max(len(r) for r in responses)
-        # position p predicts token p+1: the LM head is applied only at the positions just before each response
-        # token (a full [S, L, V] logits tensor would dwarf everything for a 151k vocabulary). One call of the
-        # whole model, so that wrappers such as FSDP2 see an ordinary forward. A 2-D logits_to_keep (one row of
-        # positions per sample) needs transformers >= 5.21.
-        start = resp.float().argmax(1)  # first response column of each row (right padding)
-        cols = (start[:, None] - 1 + torch.arange(width, device=self.device)).clamp(max=resp.shape[1] - 1)
-        logits = self.model(**batch, logits_to_keep=cols).logits.float() / self.cfg.temperature
+        # position p predicts token p+1. Left padding ends every reply in the last column, so the LM head is needed
+        # only at the last width+1 positions (a full [S, L, V] logits tensor would dwarf everything for a 151k
+        # vocabulary); row i's k-th token is predicted at kept column width - len(r_i) + k. One call of the whole
+        # model, so that wrappers such as FSDP2 see an ordinary forward.
+        with torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):
+            kept = self.model(**batch, logits_to_keep=width + 1).logits.float()
+        n = torch.tensor([len(r) for r in responses], device=self.device)
+        cols = (width - n[:, None] + torch.arange(width, device=self.device)).clamp(max=width - 1)
+        logits = kept.gather(1, cols[..., None].expand(-1, -1, kept.shape[-1])) / self.cfg.temperature
         mask = torch.zeros(len(turns), width, dtype=torch.bool, device=self.device)
         tokens = torch.full((len(turns), width), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
         for i, r in enumerate(responses):
@@ -503,7 +513,8 @@ class Policy(_Prompter):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Samplers: the rollout side. One interface: sample(turns, store) -> [Sample]; load_weights(state_dict, version).
+# Samplers: the rollout side. One interface: sample(turns, store) -> [Sample]; load_weights(folder, version) ->
+# [digest per engine]: new weights arrive as files (asyncwebrl/weights.py), whatever the engine.
 
 
 @dataclass
@@ -555,63 +566,31 @@ class HFSampler(_Prompter):
             samples.append(Sample(text, row[:n], lp[:n], version, truncated=self.tokenizer.eos_token_id not in row))
         return samples
 
-    def load_weights(self, state_dict: dict, version: int) -> None:
+    @property
+    def weights_dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def load_weights(self, folder: str, version: int) -> list[str]:
         with self.lock:  # waits for the batch in flight; the next batch sees only the new weights
-            self.model.load_state_dict(state_dict)
+            digest = weights.load_into(self.model, folder)
             self.version = version
+        return [digest]
 
 
-class VLLMSampler(_Prompter):
-    """vLLM's offline engine (GPU; `pip install .[gpu]`). Written against vLLM >= 0.11: `logprobs_mode=
-    "processed_logprobs"` returns log-probs of the distribution sampled from (after temperature), and new weights
-    go in place through a worker extension (asyncwebrl/vllm_worker.py) called with `collective_rpc`."""
-
-    def __init__(self, cfg: PolicyConfig, version: int = 0, **engine_args):
-        try:
-            from vllm import LLM, SamplingParams
-        except ImportError as e:
-            raise ImportError("the vLLM sampler needs `pip install .[gpu]` on a CUDA machine") from e
-        from transformers import AutoTokenizer
-
-        if constrained(cfg):
-            raise ValueError("constrained decoding is implemented for the transformers sampler only "
-                             "(it needs the exact budget-aware mask that Policy.logprobs replays)")
-        self.cfg, self.version, self.lock = cfg, version, threading.Lock()
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        self.llm = LLM(model=cfg.model, worker_extension_cls="asyncwebrl.vllm_worker.WeightUpdater",
-                       logprobs_mode="processed_logprobs", limit_mm_per_prompt={"image": cfg.images}, **engine_args)
-        self.params = SamplingParams(temperature=cfg.temperature, top_k=-1, top_p=1.0, logprobs=0,
-                                     max_tokens=cfg.max_new_tokens)
-        self.greedy = SamplingParams(temperature=0.0, logprobs=0, max_tokens=cfg.max_new_tokens)
-
-    def sample(self, turns: list[Turn], store, greedy: bool = False) -> list[Sample]:
-        prompts = [{"prompt": t.prompt, "multi_modal_data": {"image": screenshots(store, t.images)}} for t in turns]
-        with self.lock:
-            version = self.version
-            outs = self.llm.generate(prompts, self.greedy if greedy else self.params, use_tqdm=False)
-        samples = []
-        for out in outs:
-            c = out.outputs[0]
-            lp = [step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs)]
-            samples.append(Sample(c.text, list(c.token_ids), lp, version, truncated=c.finish_reason == "length"))
-        return samples
-
-    def load_weights(self, state_dict: dict, version: int) -> None:
-        with self.lock:
-            self.llm.collective_rpc("load_named_weights", args=([(k, v.cpu()) for k, v in state_dict.items()],))
-            self.llm.reset_prefix_cache()  # cached prompt KV was computed by the old weights
-            self.version = version
-
-
-def make_sampler(cfg: PolicyConfig, engine: str = "auto", **engine_args):
-    """engine: hf | vllm | auto (vLLM when installed and on GPU with an unconstrained policy, else transformers)."""
+def make_sampler(cfg: PolicyConfig, engine: str = "auto", engine_cfg=None):
+    """engine: hf | vllm | auto (vLLM when installed and on GPU with an unconstrained policy, else transformers).
+    The vLLM engine lives in asyncwebrl/vllm_engine.py (GPU machinery; `engine_cfg` is its EngineConfig)."""
     if engine == "auto":
         try:
             import vllm  # noqa: F401
             engine = "vllm" if torch.cuda.is_available() and not constrained(cfg) else "hf"
         except ImportError:
             engine = "hf"
-    return VLLMSampler(cfg, **engine_args) if engine == "vllm" else HFSampler(cfg)
+    if engine == "vllm":
+        from asyncwebrl.vllm_engine import VLLMSampler
+
+        return VLLMSampler(cfg, engine_cfg)
+    return HFSampler(cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ import concurrent.futures
 import itertools
 import json
 import random
+import shutil
 import threading
 import time
 import traceback
@@ -51,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from asyncwebrl import load
+from asyncwebrl import load, weights
 
 env = load("01_env")
 policy_mod = load("02_policy")
@@ -74,6 +75,7 @@ class LoopConfig:
     # ablations of the paper's two system adaptations (05_train.py --compare-sync):
     drain: bool = False  # no everlasting pool: before each refresh, stop starting episodes and wait for all to end
     screenshots_by_value: bool = False  # no lightweight screenshots: groups carry the bytes, serialised (pickled)
+    weights_dir: str = ""  # where each refresh's weight files go (asyncwebrl/weights.py); "" = a fresh RAM folder
     seed: int = 0
 
 
@@ -235,6 +237,7 @@ class Stats:
     groups_trained: int = 0
     inference_calls: int = 0
     inference_replies: int = 0
+    refreshes_checked: int = 0  # weight refreshes whose engine digest matched the trainer's
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -397,6 +400,10 @@ class RolloutPool:
 
     # -- batched inference --------------------------------------------------------------------------------------
     async def _infer(self, turn):
+        if hasattr(self.sampler, "asample"):  # an engine that batches continuously itself (vLLM): one request each
+            sample = await self.sampler.asample(turn, self.store)
+            self.stats.inference_replies += 1
+            return sample
         future = self.loop.create_future()
         self.requests.append((turn, future))
         self._work.set()
@@ -436,6 +443,8 @@ class RolloutPool:
         self._changed, self._work = asyncio.Event(), asyncio.Event()
         executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="inference")
         await self.envs.start()
+        if hasattr(self.sampler, "start"):  # an engine that lives in this event loop (vLLM's AsyncLLM)
+            await self.sampler.start()
         tasks = [asyncio.create_task(self._worker(i)) for i in range(self.cfg.workers)]
         server = asyncio.create_task(self._inference_server(executor))
         try:
@@ -452,6 +461,8 @@ class RolloutPool:
             await asyncio.gather(*tasks, server, return_exceptions=True)
             executor.shutdown(wait=True, cancel_futures=True)
             await self.envs.close()
+            if hasattr(self.sampler, "close"):
+                self.sampler.close()
 
 
 async def _quiet_close(slot_env) -> None:
@@ -528,6 +539,8 @@ class Learner:
         return [mine[a * micro:(a + 1) * micro] for a in range(n)]
 
     def update(self, groups: list[Group]) -> dict:
+        if self.policy.device.type == "cuda":  # the current device is per thread: the trainer's starts on cuda:0
+            torch.cuda.set_device(self.policy.device)
         trajs = [t for g in groups for t in g.trajectories]
         rows = [(i, s) for i, t in enumerate(trajs) for s in t.steps]
         width = max(len(s.sample.token_ids) for _, s in rows)
@@ -592,8 +605,9 @@ class Learner:
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         return {**metrics, **dict(zip(keys, total.tolist())), "iw_max": float(peak)}
 
-    def state_dict(self) -> dict:
-        return self.policy.state_dict()
+    def publish(self, folder: Path, dtype: torch.dtype | None = None) -> str:
+        """The weights for the rollout engine, as files (asyncwebrl/weights.py); returns their digest."""
+        return weights.write(self.policy.model.state_dict().items(), folder, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -643,6 +657,7 @@ class Loop:
         self.errors: list[str] = []
         self.trained_ids: list[int] = []  # trajectory ids, in the order trained
         self.history: list[dict] = []
+        self.weights_root: Path | None = None  # made at the first refresh
 
     # -- trainer thread -----------------------------------------------------------------------------------------
     def _take_fresh_groups(self) -> list[Group] | None:
@@ -683,7 +698,7 @@ class Loop:
                         while self.pool.in_flight and not self.stop.is_set():
                             time.sleep(0.005)
                 with self.timeline.span("trainer", "refresh", version=self.version):
-                    self.sampler.load_weights(self.learner.state_dict(), self.version)  # waits for the batch in flight
+                    self._refresh()
                 self.pool.draining = False
                 self.pool.wake()
                 now = time.perf_counter()
@@ -700,6 +715,20 @@ class Loop:
             self.errors.append(traceback.format_exc())
         finally:
             self.stop.set()
+
+    def _refresh(self) -> None:
+        """The trainer writes the new weights to files, the engine loads them between two batches and says what it
+        holds; a refresh that did not land stops the run (training on replies of old weights would be silent)."""
+        if self.weights_root is None:
+            self.weights_root = Path(self.cfg.weights_dir) if self.cfg.weights_dir else weights.default_root()
+        folder = self.weights_root / f"v{self.version}"
+        wrote = self.learner.publish(folder, getattr(self.sampler, "weights_dtype", None))
+        held = self.sampler.load_weights(str(folder), self.version)  # one digest per engine
+        if not held or any(h != wrote for h in held):
+            raise RuntimeError(f"refresh check failed at version {self.version}: the trainer wrote weights "
+                               f"{wrote}, the engine(s) hold {held}")
+        self.stats.refreshes_checked += 1
+        shutil.rmtree(folder, ignore_errors=True)  # every engine has its copy now
 
     # -- rollout thread -----------------------------------------------------------------------------------------
     def _rollout(self):
@@ -721,6 +750,8 @@ class Loop:
             self.stop.set()
             for t in threads:
                 t.join()
+            if self.weights_root is not None and not self.cfg.weights_dir:
+                shutil.rmtree(self.weights_root, ignore_errors=True)
         if self.errors:
             raise RuntimeError("the loop failed:\n" + "\n".join(self.errors))
         return self.history

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from asyncwebrl import ROOT, load
+from asyncwebrl import ROOT, distributed as dist, load
 
 env = load("01_env")
 policy_mod = load("02_policy")
@@ -106,10 +106,22 @@ class TrainConfig:
     epochs: int = opt(1, "passes over each batch")
     minibatches: int = opt(1, "optimizer steps per pass")
     micro_batch: int = opt(16, "steps per forward/backward (gradient accumulation)")
-    # placement
-    gpus: int = opt(-1, "GPUs to use; -1 = all visible (0 on a CPU machine)")
-    rollout_gpus: int = opt(0, "of --gpus, how many serve rollout (vLLM); 0 = 3/4 of them, as the paper's 48:16")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (8B on 80 GB cards)")
+    # placement (asyncwebrl/distributed.py)
+    gpus: int = opt(-1, "GPUs per node; -1 = all visible (0 on a CPU machine)")
+    nodes: int = opt(1, "machines, each with --gpus GPUs split the same way (torchrun --nnodes; see the README)")
+    rollout_gpus: int = opt(0, "of each node's GPUs, how many serve rollout (a vLLM replica each); 0 = 3/4 of "
+                            "them, as the paper's 48:16")
     trainer_procs: int = opt(1, "CPU only: trainer processes sharding the model with FSDP2 over gloo (as on GPUs)")
+    dist_timeout_min: float = opt(60.0, "trainer ranks: how long one may wait for the others (vLLM start-up and the "
+                                  "first batch come first) before a dead rank is an error")
+    weights_dir: str = opt("", "folder for each refresh's weight files; \"\" = a RAM folder (/dev/shm); several "
+                           "nodes: a folder every node sees")
+    # vLLM engine (asyncwebrl/vllm_engine.py); the defaults fit Qwen3-VL-8B on an 80 GB card per replica
+    max_model_len: int = opt(16384, "vLLM: prompt + reply tokens (the model's own 256K would reserve ~36 GiB of "
+                             "KV cache)")
+    gpu_memory_utilization: float = opt(0.85, "vLLM: share of each rollout GPU for weights and KV cache")
+    enforce_eager: bool = opt(False, "vLLM: no CUDA graphs (starts faster, decodes slower)")
 
 
 PRESETS = {
@@ -122,7 +134,7 @@ PRESETS = {
                        keep_checkpoints=4),
     "paper": dict(model=policy_mod.PAPER_MODEL, engine="vllm", tasks="all", group_size=8, batch_groups=16,
                   epochs=3, minibatches=2, lr=5e-6, images=2, max_new_tokens=512, constrained="off", workers=128,
-                  updates=300, checkpoint_every=10, micro_batch=4),
+                  updates=300, checkpoint_every=10, micro_batch=4, gradient_checkpointing=True),
 }
 
 
@@ -198,8 +210,8 @@ def _json_object(path: Path, flag: str, key: str | None = None) -> dict:
 AT_LEAST = dict(seed=0, updates=0, checkpoint_every=1, keep_checkpoints=1, log_trajectories=0, max_steps=0,
                 warmstart_steps=0, warmstart_episodes=1, history=0, images=1, max_new_tokens=1, memory_tokens=1,
                 workers=1, group_size=2, batch_groups=1, max_staleness=0, epochs=1, minibatches=1, micro_batch=1,
-                gpus=-1, rollout_gpus=0, trainer_procs=1, weight_decay=0.0)
-POSITIVE = ("lr", "temperature", "eps_clip", "grad_clip", "k")  # floats that must be > 0
+                gpus=-1, nodes=1, rollout_gpus=0, trainer_procs=1, weight_decay=0.0, max_model_len=256)
+POSITIVE = ("lr", "temperature", "eps_clip", "grad_clip", "k", "dist_timeout_min", "gpu_memory_utilization")
 CHOICES = dict(engine=("auto", "hf", "vllm"), split=("train", "test"), constrained=("auto", "on", "off"),
                mode=("async", "sync"), normalizer=("const", "traj"), judge=("rubric_keywords", "chat"),
                adv_std=("unbiased", "population"))
@@ -222,6 +234,8 @@ def validate(cfg: TrainConfig) -> None:
             raise UsageError(f"{flag} must be greater than 0, got {value}")
         if f.name in CHOICES and value not in CHOICES[f.name]:
             raise UsageError(f"{flag} must be one of {', '.join(CHOICES[f.name])}, got {value!r}")
+    if cfg.gpu_memory_utilization > 1:
+        raise UsageError(f"--gpu-memory-utilization is a share of the GPU, at most 1; got {cfg.gpu_memory_utilization}")
     if cfg.eps_clip >= 1:
         raise UsageError(f"--eps-clip must be below 1 (the ratio is clipped to [1 - eps, 1 + eps]), got {cfg.eps_clip}")
 
@@ -250,6 +264,16 @@ def check(cfg: TrainConfig, dry_run: bool = False) -> None:
     visible = torch.cuda.device_count()
     if cfg.gpus > visible and not dry_run:
         raise UsageError(f"--gpus {cfg.gpus}: this machine has {visible} GPU(s)")
+    place = placement(cfg, cfg.gpus if dry_run and cfg.gpus >= 0 else None)
+    if place.nodes > 1 and not cfg.weights_dir:
+        raise UsageError(f"--nodes {place.nodes}: pass --weights-dir, a folder every node sees (the engines on the "
+                         f"other nodes read each refresh's weights from it)")
+    if place.shared and cfg.engine == "vllm" and not dry_run and not tiny:
+        params, memory = model_params(cfg.model), torch.cuda.get_device_properties(0).total_memory
+        if not dist.fits_one_gpu(params, memory, cfg.gpu_memory_utilization):
+            raise UsageError(f"--gpus 1: training {params / 1e9:.1f}B parameters (fp32 weights, gradients and AdamW: "
+                             f"~{16 * params / 2**30:.0f} GiB) does not fit beside the engine's "
+                             f"{cfg.gpu_memory_utilization:.0%} of {memory / 2**30:.0f} GiB; use --gpus 2 or more")
     tasks = load_tasks(cfg)
     if cfg.warmstart_steps > 0:
         from asyncwebrl.oracle import SOLVABLE
@@ -257,6 +281,18 @@ def check(cfg: TrainConfig, dry_run: bool = False) -> None:
         if not any(t.id.split("/")[-1] in SOLVABLE for t in tasks):
             raise UsageError(f"--warmstart-steps: no task with a scripted solver among --tasks (solvers exist for: "
                              f"{', '.join(SOLVABLE)})")
+
+
+def model_params(model: str) -> int:
+    """Parameters of a model, from its config alone (built on the meta device: nothing is loaded)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--model {model}: cannot read its config ({str(e)[:100]})") from None
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForImageTextToText.from_config(config).parameters())
 
 
 def load_tasks(cfg: TrainConfig) -> list:
@@ -282,31 +318,15 @@ def load_tasks(cfg: TrainConfig) -> list:
 # Placement: which device does what.
 
 
-def placement(cfg: TrainConfig, gpus: int | None = None) -> dict:
-    gpus = torch.cuda.device_count() if (gpus if gpus is not None else cfg.gpus) < 0 else \
-        (gpus if gpus is not None else cfg.gpus)
-    if gpus == 0:
-        procs = int(os.environ.get("WORLD_SIZE", max(1, cfg.trainer_procs)))  # torchrun decides, if it started us
-        return dict(gpus=0, rollout="cpu (transformers generate)", rollout_devices=[], trainer_devices=[],
-                    trainer="cpu (fp32)" if procs == 1 else f"FSDP2 over {procs} CPU processes (gloo)",
-                    trainer_procs=procs)
-    if gpus == 1:  # one GPU shared: the engine takes a slice of its memory, the trainer the rest
-        return dict(gpus=1, rollout="cuda:0 (shared with the trainer)", trainer="cuda:0 (bf16)",
-                    rollout_devices=[0], trainer_devices=[0], trainer_procs=1)
-    n_rollout = cfg.rollout_gpus or min(gpus - 1, max(1, round(gpus * 0.75)))  # paper: 48 rollout + 16 trainer GPUs = 3:1
-    if not 1 <= n_rollout < gpus:
-        raise UsageError(f"--rollout-gpus {n_rollout} must leave at least one of the {gpus} GPUs to the trainer")
-    roll, train = list(range(n_rollout)), list(range(n_rollout, gpus))
-    # what is built today: one engine, on the first rollout GPU (an engine per GPU, or one tensor-parallel over them,
-    # is not written yet: it could not be run here without a GPU); the rest of the rollout GPUs stay idle
-    idle = f" ({n_rollout} rollout GPUs, cuda:0..{roll[-1]}; only cuda:0 is used so far)" if n_rollout > 1 else ""
-    return dict(gpus=gpus, rollout=f"{cfg.engine}: one engine on cuda:0{idle}",
-                trainer=f"FSDP2 over cuda:{train[0]}..{train[-1]} ({len(train)} GPUs, torch.distributed)",
-                rollout_devices=roll, trainer_devices=train, trainer_procs=len(train))
-
-
-def print_placement(p: dict) -> None:
-    print(f"placement: {p['gpus']} GPU(s)\n  rollout : {p['rollout']}\n  trainer : {p['trainer']}")
+def placement(cfg: TrainConfig, gpus: int | None = None) -> dist.Placement:
+    """This run's map of nodes, GPUs and roles (asyncwebrl/distributed.py). `gpus`: plan for that many, not for
+    what this machine has (the dry run)."""
+    gpus = gpus if gpus is not None else torch.cuda.device_count() if cfg.gpus < 0 else cfg.gpus
+    procs = int(os.environ.get("WORLD_SIZE", cfg.trainer_procs)) if gpus == 0 else 1  # torchrun decides, if it ran us
+    try:
+        return dist.plan(gpus, cfg.nodes, cfg.rollout_gpus, procs, cfg.engine)
+    except dist.PlacementError as e:
+        raise UsageError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -371,9 +391,10 @@ class Run:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         # every rank writes its optimizer shard; the model is gathered
-        policy.save(tmp / "model", learner.save(tmp) if isinstance(learner, ShardedLearner) else None)
+        sharded = isinstance(learner, dist.ShardedLearner)
+        policy.save(tmp / "model", learner.save(tmp) if sharded else None)
         torch.save(dict(version=version, torch_rng=torch.get_rng_state(),
-                        optimizer=None if isinstance(learner, ShardedLearner) else learner.optimizer.state_dict(),
+                        optimizer=None if sharded else learner.optimizer.state_dict(),
                         python_rng=random.getstate(), task_rng=pool.rng.getstate(),
                         task_order=[t.id for t in pool.order]), tmp / "trainer.pt")
         shutil.rmtree(folder, ignore_errors=True)
@@ -462,25 +483,39 @@ def progress_bar(cfg: TrainConfig, start: int):
 # Training
 
 
-def policy_config(cfg: TrainConfig, place: dict, model: str | None = None, rank: int = 0):
+def policy_config(cfg: TrainConfig, place: dist.Placement, model: str | None = None, local_rank: int = 0):
     return policy_mod.PolicyConfig(model=model or cfg.model, history=cfg.history, images=cfg.images,
                                    max_new_tokens=cfg.max_new_tokens, memory_tokens=cfg.memory_tokens,
                                    temperature=cfg.temperature,
                                    constrained=None if cfg.constrained == "auto" else cfg.constrained == "on",
-                                   device=f"cuda:{place['trainer_devices'][rank]}" if place["trainer_devices"] else None)
+                                   device=place.trainer_device(local_rank) if place.gpus else None,
+                                   gradient_checkpointing=cfg.gradient_checkpointing)
 
 
-def build(cfg: TrainConfig, pcfg, store, tasks: list, version: int = 0, world: int = 1, **loop_overrides):
+def engine_config(cfg: TrainConfig, place: dist.Placement):
+    """The vLLM engine's settings: a replica per rollout GPU of every node (asyncwebrl/vllm_engine.py)."""
+    from asyncwebrl.vllm_engine import EngineConfig
+
+    head = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    return EngineConfig(replicas=max(1, place.replicas), replicas_local=max(1, place.rollout), address=head,
+                        rpc_port=int(os.environ.get("MASTER_PORT", "29500")) + 1, seed=cfg.seed,
+                        max_model_len=cfg.max_model_len, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                        enforce_eager=cfg.enforce_eager)
+
+
+def build(cfg: TrainConfig, pcfg, store, tasks: list, version: int = 0, world: int = 1, place=None,
+          **loop_overrides):
     """Policy (trainer side), sampler (rollout side, its own copy of the weights), learner and loop."""
-    sampler = policy_mod.make_sampler(dataclasses.replace(pcfg, device=None), cfg.engine)
+    sampler = policy_mod.make_sampler(dataclasses.replace(pcfg, device=None, gradient_checkpointing=False), cfg.engine,
+                                      engine_config(cfg, place or placement(cfg)))
     sampler.version = version
     policy, learner = make_learner(cfg, pcfg, store, rank=0, world=world)
     if world > 1:
-        learner = ShardedLearner(learner)
+        learner = dist.ShardedLearner(learner)
     loop_cfg = loop_mod.LoopConfig(**{**dict(mode=cfg.mode, workers=cfg.workers, group_size=cfg.group_size,
                                              batch_groups=cfg.batch_groups, max_staleness=cfg.max_staleness,
                                              drop_stale=cfg.drop_stale, dynamic_sampling=cfg.dynamic_sampling,
-                                             updates=cfg.updates,
+                                             updates=cfg.updates, weights_dir=cfg.weights_dir,
                                              seed=cfg.seed), **loop_overrides})
     loop = loop_mod.Loop(loop_cfg, loop_mod.BrowserEnvs(store), sampler, learner, tasks, store)
     return policy, sampler, learner, loop
@@ -489,7 +524,7 @@ def build(cfg: TrainConfig, pcfg, store, tasks: list, version: int = 0, world: i
 def make_learner(cfg: TrainConfig, pcfg, store, rank: int = 0, world: int = 1):
     policy = policy_mod.Policy(pcfg)
     if world > 1:
-        shard(policy.model)  # before the optimizer is made: it must hold the sharded parameters
+        dist.shard(policy.model)  # before the optimizer is made: it must hold the sharded parameters
     learner = loop_mod.Learner(policy, store,
                                loss_mod.LossConfig(normalizer=cfg.normalizer, k=cfg.k, decoupled=cfg.decoupled,
                                                    eps_clip=cfg.eps_clip, std=cfg.adv_std),
@@ -501,117 +536,42 @@ def make_learner(cfg: TrainConfig, pcfg, store, rank: int = 0, world: int = 1):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Several trainer devices: FSDP2, data parallel. Rank 0 runs everything a single-device run does (rollout thread,
-# loop, trainer thread); its learner sends every call to the other ranks first, and they run the same collective
-# computation on their share of the batch. Started by torch.multiprocessing.spawn; NCCL on GPUs, gloo on CPU (where
-# `--trainer-procs 2` exercises the same path in the tests). Across nodes, torch's own launcher (torchrun) and
-# rendezvous start the ranks instead; the code below only needs RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT.
+# Several trainer devices (FSDP2, data parallel) and several nodes: asyncwebrl/distributed.py has the machinery.
+# Rank 0 runs the pipeline above; the other ranks follow it. Started by torch.multiprocessing.spawn on one node,
+# by torchrun on several (it only needs RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
 
 
-def shard(model) -> None:
-    """FSDP2: each transformer block is one unit (its weights gathered just for its own forward/backward), then
-    the rest (embeddings, head, merger) as the root unit."""
-    from torch.distributed.fsdp import fully_shard
-
-    for module in model.modules():
-        if type(module).__name__.endswith(("DecoderLayer", "VisionBlock")):
-            fully_shard(module)
-    fully_shard(model)
-
-
-def full_state_dict(model) -> dict:
-    """All ranks take part; rank 0 receives the whole unsharded state dict (on CPU), e.g. for the rollout engine."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def _broadcast(message=None):
-    import torch.distributed as dist
-
-    box = [message]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-class ShardedLearner:
-    """Rank 0's learner. Screenshots go with the batch (the other ranks have no store), once per update."""
-
-    def __init__(self, learner):
-        self.learner, self.policy, self.optimizer = learner, learner.policy, learner.optimizer
-
-    def update(self, groups):
-        groups = [loop_mod.by_value(g, self.learner.store) for g in groups]
-        _broadcast(("update", groups))
-        return self.learner.update(groups)
-
-    def state_dict(self) -> dict:
-        _broadcast(("state_dict",))
-        return full_state_dict(self.policy.model)
-
-    def save(self, folder: Path) -> dict:
-        """Every rank saves its optimizer shard; returns the full model state dict for rank 0 to save."""
-        _broadcast(("save", str(folder)))
-        torch.save(self.optimizer.state_dict(), folder / "optimizer.rank0.pt")
-        return full_state_dict(self.policy.model)
-
-    def stop(self) -> None:
-        _broadcast(("stop",))
-
-
-def follow(learner) -> None:
-    """Ranks 1..n-1: do what rank 0 says until it says stop."""
-    while True:
-        command, *args = _broadcast()
-        if command == "update":
-            learner.update(*args)
-        elif command == "state_dict":
-            full_state_dict(learner.policy.model)
-        elif command == "save":
-            rank = learner.rank
-            torch.save(learner.optimizer.state_dict(), Path(args[0]) / f"optimizer.rank{rank}.pt")
-            full_state_dict(learner.policy.model)
-        elif command == "stop":
-            return
-
-
-def init_distributed(rank: int, world: int, port: int | None, device: str) -> None:
-    """Join the trainer group. Under torchrun the rendezvous is already in the environment; mp.spawn passes a port."""
-    import torch.distributed as dist
-
-    if port is not None:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", rank=rank, world_size=world)
-
-
-def _rank_main(rank: int, cfg: TrainConfig, place: dict, port: int) -> None:
+def _rank_main(rank: int, cfg: TrainConfig, place: dist.Placement, port: int) -> None:
     """mp.spawn's entry: one trainer process on this machine."""
-    _rank(cfg, place, rank, place["trainer_procs"], rank, port)
+    _rank(cfg, place, rank, place.world, rank, port)
 
 
-def _rank(cfg: TrainConfig, place: dict, rank: int, world: int, local_rank: int, port: int | None) -> None:
-    """One trainer process. Rank 0 also runs the rollout side and the loop; the others follow."""
-    import torch.distributed as dist
+def _rank(cfg: TrainConfig, place: dist.Placement, rank: int, world: int, local_rank: int, port: int | None) -> None:
+    """One trainer process. Rank 0 also runs the rollout side and the loop; the others follow. On nodes 1+, local
+    rank 0 also starts the node's headless vLLM replicas (rank 0's engine drives them)."""
+    import torch.distributed as tdist
 
-    devices = place["trainer_devices"]
-    device = f"cuda:{devices[local_rank % len(devices)]}" if devices else "cpu"
-    torch.set_num_threads(max(1, torch.get_num_threads() // max(1, len(devices) or world)))
-    init_distributed(rank, world, port, device)
+    torch.set_num_threads(max(1, torch.get_num_threads() // max(1, place.trainer)))
+    dist.init(rank, world, port, place.trainer_device(local_rank), cfg.dist_timeout_min * 60)
+    replicas = None
     try:
         if rank == 0:
             _train(cfg, place, rank, world)
         else:
+            if local_rank == 0 and place.nodes > 1 and place.gpus > 1:
+                from asyncwebrl.vllm_engine import start_headless
+
+                replicas = start_headless(policy_config(cfg, place), engine_config(cfg, place), rank // place.trainer)
             ckpt = Run(cfg).latest_checkpoint()
             model = str(ckpt / "model") if ckpt is not None else None
-            _, learner = make_learner(cfg, policy_config(cfg, place, model, local_rank % max(1, len(devices))),
-                                      None, rank, world)
+            _, learner = make_learner(cfg, policy_config(cfg, place, model, local_rank), None, rank, world)
             if ckpt is not None:
                 learner.optimizer.load_state_dict(torch.load(ckpt / f"optimizer.rank{rank}.pt", weights_only=False))
-            follow(learner)
+            dist.follow(learner)
     finally:
-        dist.destroy_process_group()
+        if replicas is not None:
+            replicas.terminate()
+        tdist.destroy_process_group()
 
 
 def _free_port() -> int:
@@ -667,15 +627,23 @@ def train(cfg: TrainConfig) -> Path:
             return Path(cfg.run_dir)
     place = placement(cfg)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun (one node or several): we are one rank
-        _rank(cfg, place, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]), None)
+        world = int(os.environ["WORLD_SIZE"])
+        if place.gpus:
+            try:
+                dist.check_launch(place, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+            except dist.PlacementError as e:
+                raise UsageError(str(e)) from None
+        _rank(cfg, place, int(os.environ["RANK"]), world, int(os.environ["LOCAL_RANK"]), None)
         return Path(cfg.run_dir)
-    if place["trainer_procs"] > 1:  # one process per trainer device, started by torch's own launcher
+    if place.nodes > 1:
+        raise UsageError(f"--nodes {place.nodes}: start every node with torchrun (README, 'Several nodes')")
+    if place.world > 1:  # one process per trainer device, started by torch's own launcher
         import torch.multiprocessing as mp
 
         if Path(cfg.model).resolve() == policy_mod.TINY_MODEL_DIR.resolve():
             policy_mod.build_tiny_model()  # once, here, not by every rank at the same time
         port = _free_port()
-        mp.spawn(_rank_main, args=(cfg, place, port), nprocs=place["trainer_procs"], join=True)
+        mp.spawn(_rank_main, args=(cfg, place, port), nprocs=place.world, join=True)
         return Path(cfg.run_dir)
     return _train(cfg, place)
 
@@ -683,7 +651,7 @@ def train(cfg: TrainConfig) -> Path:
 def _train(cfg: TrainConfig, place: dict, rank: int = 0, world: int = 1) -> Path:
     run = Run(cfg)
     run.save_config()
-    print_placement(place)
+    print("\n".join(place.describe()))
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     tasks = load_tasks(cfg)
@@ -694,8 +662,8 @@ def _train(cfg: TrainConfig, place: dict, rank: int = 0, world: int = 1) -> Path
         print(f"resuming {run.dir} from {ckpt.name} (version {version})")
     spent = run.rewind(version)  # a killed run's lost updates go; its clock counts on
     store = env.ScreenshotStore()
-    policy, sampler, learner, loop = build(cfg, policy_config(cfg, place, model, rank), store, tasks, version,
-                                           world=world)
+    policy, sampler, learner, loop = build(cfg, policy_config(cfg, place, model), store, tasks, version,
+                                           world=world, place=place)
     if ckpt is not None:
         run.restore(ckpt, learner, loop.pool, tasks, rank, sharded=world > 1)
     if version >= cfg.updates:
@@ -736,7 +704,7 @@ def main(argv=None) -> int:
         cfg, meta = resolve(argv)
         check(cfg, meta.dry_run)
         if meta.dry_run:
-            print_placement(placement(cfg, cfg.gpus if cfg.gpus >= 0 else None))
+            print("\n".join(placement(cfg, cfg.gpus if cfg.gpus >= 0 else None).describe()))
             print(json.dumps(dataclasses.asdict(cfg), indent=2))
             return 0
         if meta.compare_sync:

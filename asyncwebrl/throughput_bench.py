@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from asyncwebrl import ROOT, load
+from asyncwebrl import ROOT, load, weights
 
 env = load("01_env")
 loop_mod = load("04_async_loop")
@@ -41,8 +41,8 @@ class _NoTraining:
     def update(self, groups):
         return {}
 
-    def state_dict(self):
-        return self.policy.state_dict()
+    def publish(self, folder, dtype=None):
+        return weights.write(self.policy.model.state_dict().items(), folder, dtype)
 
 
 def _timed_run(cfg, pcfg, tasks, name, keep_batch=False, no_training=False, **overrides) -> dict:
@@ -121,7 +121,7 @@ def compare_sync(cfg: TrainConfig, out: Path = ROOT / "figures", repeats: int = 
     # overlap efficiency = async / the slower stage alone, within each repeat (1.0: the slower stage never waits)
     overlap = paired(sps["async (full)"], [min(a, b) for a, b in zip(sps["rollout only"], train_sps)])
     summary = dict(
-        machine=f"{place['rollout']} / {place['trainer']}, {torch.get_num_threads()} torch threads",
+        machine=f"{place.describe()[0]}, {torch.get_num_threads()} torch threads",
         config={k: getattr(cfg, k) for k in ("updates", "workers", "group_size", "batch_groups", "max_steps",
                                                "tasks", "max_staleness", "dynamic_sampling")},
         commit=_git_commit(), repeats=repeats,

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from asyncwebrl import load
+from asyncwebrl import distributed as dist, load, weights
 
 env, pol, aloop, train = load("01_env"), load("02_policy"), load("04_async_loop"), load("05_train")
 
@@ -34,7 +34,7 @@ def batch(policy):
 
 def update(rank: int, world: int, model: str, out: str, port: int = 0):
     if world > 1:
-        train.init_distributed(rank, world, port, "cpu")
+        dist.init(rank, world, port, "cpu", timeout_s=300)
     cfg = train.TrainConfig(model=model, micro_batch=2)
     pcfg = pol.PolicyConfig(model=model)
     policy, learner = train.make_learner(cfg, pcfg, None, rank, world)
@@ -42,9 +42,13 @@ def update(rank: int, world: int, model: str, out: str, port: int = 0):
     groups, store = batch(policy)
     learner.store = store
     metrics = learner.update(groups)
-    state = train.full_state_dict(policy.model) if world > 1 else policy.state_dict()
+    state = dist.full_state_dict(policy.model) if world > 1 else policy.state_dict()
+    # the refresh's handoff: every rank gathers tensor by tensor, rank 0 writes (as ShardedLearner.publish does)
+    tensors = dist.full_tensors(policy.model)
+    digest = weights.write(tensors, out + ".weights") if rank == 0 else [None for _ in tensors]
     if rank == 0:
-        torch.save(dict(state=state, metrics=metrics), out)
+        torch.save(dict(state=state, metrics=metrics, digest=digest, digest_of_state=weights.write(
+            state.items(), out + ".state")), out)
 
 
 if __name__ == "__main__":

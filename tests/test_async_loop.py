@@ -68,6 +68,26 @@ def test_the_real_policy_and_learner_train_through_the_loop(mode, tiny_dir, shot
     assert any(not torch.equal(a, b) for a, b in zip(start, policy.model.parameters()))
 
 
+def test_every_refresh_is_checked_and_one_that_did_not_land_stops_the_run(tmp_path):
+    loop, learner, envs, sampler, store = make_loop(updates=3, weights_dir=str(tmp_path))
+    loop.run()
+    assert loop.stats.refreshes_checked == 3 and sampler.loads == [1, 2, 3]
+    assert not list(tmp_path.iterdir())  # each version's files go once the engine holds them
+    loop, *_ = make_loop(updates=2)
+    loop.run()
+    assert loop.weights_root is not None and not loop.weights_root.exists()  # the loop's own RAM folder too
+
+    class StaleEngine(FakeSampler):  # its load "succeeded" but it still holds other weights
+        def load_weights(self, folder, version):
+            super().load_weights(folder, version)
+            return ["1:5"]
+
+    loop, learner, *_ = make_loop(sampler=StaleEngine(), updates=3)
+    with pytest.raises(RuntimeError, match="refresh check failed at version 1"):
+        loop.run()
+    assert len(learner.batches) == 1  # stopped at the first refresh, not after training on old weights
+
+
 def test_every_trajectory_is_trained_once_or_counted():
     loop, learner, envs, sampler, store = make_loop(updates=8)
     loop.run()

@@ -1,4 +1,5 @@
 """02_policy: prompt and reply format, the tiny offline Qwen3-VL, log-probs, both samplers, constrained decoding."""
+import asyncio
 import random
 import shutil
 import threading
@@ -9,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asyncwebrl import load
+from asyncwebrl import load, weights
 
 env = load("01_env")
 pol = load("02_policy")
@@ -246,22 +247,36 @@ def test_constrained_decoding_never_emits_an_invalid_action(policy, n_marks, see
     assert r.action.mark is None or r.action.mark < n_marks
 
 
-def test_weight_refresh_changes_outputs_and_bumps_the_version(cfg, store):
+def test_weight_refresh_by_file_changes_outputs_and_bumps_the_version(cfg, store, tmp_path):
     sampler = pol.HFSampler(cfg)
     turns = turns_of(sampler, BATCH)
     torch.manual_seed(0)
     before = sampler.sample(turns, store)
-    new = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
-           for k, v in sampler.model.state_dict().items()}
-    sampler.load_weights(new, version=7)
+    old = weights.write(sampler.model.state_dict().items(), tmp_path / "v0")
+    new = {k: v.detach() + 0.05 * torch.randn_like(v) for k, v in sampler.model.named_parameters()}  # tie kept
+    wrote = weights.write(new.items(), tmp_path / "v7")
+    assert sampler.load_weights(str(tmp_path / "v7"), version=7) == [wrote] != [old]  # it holds what was written
     torch.manual_seed(0)
     after = sampler.sample(turns, store)
     assert {s.version for s in before} == {0} and {s.version for s in after} == {7}
     assert any(a.token_ids != b.token_ids or a.logprobs != b.logprobs for a, b in zip(after, before))
-    assert torch.equal(sampler.model.state_dict()["lm_head.weight"], new["lm_head.weight"])
+    assert torch.equal(sampler.model.lm_head.weight, new["model.language_model.embed_tokens.weight"])  # tied
 
 
-def test_weight_load_waits_for_the_batch_in_flight(cfg, store, monkeypatch):
+def test_weight_files_that_do_not_fit_the_model_are_refused(cfg, tmp_path):
+    sampler = pol.HFSampler(cfg)
+    state = dict(sampler.model.state_dict())
+    state.pop("lm_head.weight"), state.pop("model.language_model.norm.weight")  # the head is tied: only the norm
+    weights.write(state.items(), tmp_path / "v1")
+    with pytest.raises(RuntimeError, match="missing.*norm"):
+        sampler.load_weights(str(tmp_path / "v1"), version=1)
+    weights.write([*state.items(), ("extra.weight", torch.zeros(2))], tmp_path / "v2")
+    with pytest.raises(RuntimeError, match="unexpected.*extra"):
+        sampler.load_weights(str(tmp_path / "v2"), version=2)
+    assert sampler.version == 0
+
+
+def test_weight_load_waits_for_the_batch_in_flight(cfg, store, monkeypatch, tmp_path):
     """Atomicity: a batch that started on version 0 finishes on version 0's weights; the load lands after it."""
     sampler = pol.HFSampler(cfg)
     generating, release, order = threading.Event(), threading.Event(), []
@@ -278,7 +293,8 @@ def test_weight_load_waits_for_the_batch_in_flight(cfg, store, monkeypatch):
     t1 = threading.Thread(target=lambda: result.update(s=sampler.sample(turns_of(sampler, BATCH[:1]), store)))
     t1.start()
     assert generating.wait(10)
-    t2 = threading.Thread(target=lambda: (sampler.load_weights(sampler.model.state_dict(), 1), order.append("load")))
+    weights.write(sampler.model.state_dict().items(), tmp_path / "v1")
+    t2 = threading.Thread(target=lambda: (sampler.load_weights(str(tmp_path / "v1"), 1), order.append("load")))
     t2.start()
     time.sleep(0.2)
     assert order == [] and sampler.version == 0  # the load is blocked while the batch samples
@@ -333,20 +349,32 @@ def test_missing_model_path_is_a_clear_error(monkeypatch):
         pol.Policy(pol.PolicyConfig(model="/nonexistent/model"))
 
 
-def test_vllm_sampler_matches_policy_logprobs(cfg, store):
+def test_vllm_sampler_matches_policy_logprobs_and_loads_weight_files(cfg, store, tmp_path):
     pytest.importorskip("vllm")
     if not torch.cuda.is_available():
         pytest.skip("vLLM needs a CUDA GPU")
+    from asyncwebrl.vllm_engine import EngineConfig, VLLMSampler
+
     c = pol.PolicyConfig(model=cfg.model, constrained=False, max_new_tokens=16)
-    sampler, policy = pol.VLLMSampler(c, gpu_memory_utilization=0.3), pol.Policy(c)
+    sampler = VLLMSampler(c, EngineConfig(gpu_memory_utilization=0.3, max_model_len=4096, enforce_eager=True))
+    policy = pol.Policy(c)
     turns = turns_of(policy, BATCH)
-    samples = sampler.sample(turns, store)
-    with torch.no_grad():
-        logp, mask = policy.logprobs(turns, [s.token_ids for s in samples], store)
-    assert (logp.float().cpu() - behaviour(samples))[mask.cpu()].abs().max() < 0.05  # bf16 engine vs bf16 trainer
-    new = {k: v + 0.05 * torch.randn_like(v) for k, v in policy.model.state_dict().items()}
-    sampler.load_weights(new, version=3)
-    assert sampler.sample(turns[:1], store)[0].version == 3
+
+    async def run():
+        await sampler.start()
+        samples = await asyncio.gather(*[sampler.asample(t, store) for t in turns])
+        with torch.no_grad():
+            logp, mask = policy.logprobs(turns, [s.token_ids for s in samples], store)
+        assert (logp.float().cpu() - behaviour(samples))[mask.cpu()].abs().max() < 0.05  # bf16 engine, bf16 compute
+        new = {k: v + 0.05 * torch.randn_like(v) for k, v in policy.model.state_dict().items()}
+        wrote = weights.write(new.items(), tmp_path / "v3", sampler.weights_dtype)
+        assert await asyncio.to_thread(sampler.load_weights, str(tmp_path / "v3"), 3) == [wrote]
+        assert (await sampler.asample(turns[0], store)).version == 3
+
+    try:
+        asyncio.run(run())
+    finally:
+        sampler.close()
 
 
 @pytest.mark.browser

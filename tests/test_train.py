@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,15 +24,46 @@ def cli(*args, timeout=300):
                           timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT)
 
 
-@pytest.mark.parametrize("gpus,rollout,trainer", [(1, [0], [0]), (2, [0], [1]), (8, [0, 1, 2, 3, 4, 5], [6, 7])])
-def test_dry_run_prints_placement_and_config(gpus, rollout, trainer, capsys):
-    assert train.main(["--dry-run", "--gpus", str(gpus), "--preset", "paper"]) == 0
+@pytest.mark.parametrize("nodes,gpus,replicas,ranks", [(1, 1, 1, 1), (1, 2, 1, 1), (1, 8, 6, 2), (2, 8, 12, 4),
+                                                        (8, 8, 48, 16)])  # 8 x 8: the paper's 48 + 16
+def test_dry_run_maps_every_gpu_of_every_node(nodes, gpus, replicas, ranks, capsys):
+    args = ["--dry-run", "--gpus", str(gpus), "--nodes", str(nodes), "--preset", "paper", "--weights-dir", "/shared/w"]
+    assert train.main(args) == 0
     out = capsys.readouterr().out
-    assert f"placement: {gpus} GPU(s)" in out
     config = json.loads(out[out.index("{"):])
-    assert config["gpus"] == gpus and config["group_size"] == 8 and config["batch_groups"] == 16
-    p = train.placement(train.TrainConfig(gpus=gpus))
-    assert (p["rollout_devices"], p["trainer_devices"]) == (rollout, trainer)
+    assert config["gpus"] == gpus and config["nodes"] == nodes and config["group_size"] == 8
+    p = train.placement(train.TrainConfig(gpus=gpus, nodes=nodes))
+    assert (p.replicas, p.world) == (replicas, ranks)
+    for node in range(nodes):  # every GPU of every node has exactly one role: none idles, none is used twice
+        used = [g for n, gpus_, _ in p.roles() if n == node for g in gpus_]
+        assert sorted(used) == list(range(gpus))
+    roles = [role for _, _, role in p.roles()]
+    numbered = [int(x) for role in roles for pair in re.findall(r"(?:replicas?|ranks?) (\d+)(?:-(\d+))?", role)
+                for x in pair if x]
+    assert max(numbered) == max(replicas, ranks) - 1  # replicas and ranks are numbered across nodes
+    assert "idle" not in out and f"{replicas} replica(s)" in out
+    assert (f"torchrun --nnodes {nodes} --nproc-per-node {ranks // nodes}" in out) == (nodes > 1)
+    assert {p.trainer_device(k) for k in range(p.trainer)} == ({"cuda:0"} if gpus == 1 else
+                                                              {f"cuda:{g}" for g in range(gpus - ranks // nodes, gpus)})
+
+
+def test_a_launch_that_would_put_two_ranks_on_one_gpu_is_refused(capsys):
+    place = train.placement(train.TrainConfig(gpus=8, nodes=2))
+    train.dist.check_launch(place, world=4, local_world=2)
+    with pytest.raises(train.dist.PlacementError, match="--nnodes 2 --nproc-per-node 2"):
+        train.dist.check_launch(place, world=16, local_world=8)  # `torchrun --nproc-per-node 8`: 4 ranks a GPU
+    assert train.main(["--dry-run", "--gpus", "8", "--nodes", "2"]) == 2
+    assert "--weights-dir, a folder every node sees" in capsys.readouterr().err
+    with pytest.raises(train.UsageError, match="--gpus 1 shares its GPU"):
+        train.placement(train.TrainConfig(gpus=1, nodes=2))
+
+
+def test_one_gpu_fits_a_small_model_and_refuses_an_8b_one():
+    h200 = 141 * 2**30
+    assert train.dist.fits_one_gpu(2_000_000_000, h200, 0.3)  # 2B: 38 GB of trainer state beside a 42 GB engine
+    assert not train.dist.fits_one_gpu(8_800_000_000, h200, 0.3)  # Qwen3-VL-8B: ~141 GB of trainer state alone
+    assert train.model_params(str(load("02_policy").build_tiny_model())) == sum(
+        p.numel() for p in load("02_policy").Policy(load("02_policy").PolicyConfig()).model.parameters())
 
 
 def test_config_precedence_defaults_preset_file_flags(tmp_path):
@@ -287,6 +319,8 @@ def test_sharded_update_over_two_gloo_processes_equals_the_single_process_update
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
     for key in ("loss", "tokens", "clip_frac"):
         assert results[2]["metrics"][key] == pytest.approx(results[1]["metrics"][key], abs=1e-6)
+    for world in (1, 2):  # the weight files for the engine hold exactly the gathered weights
+        assert results[world]["digest"] == results[world]["digest_of_state"]
 
 
 @pytest.mark.browser
@@ -303,7 +337,7 @@ def test_training_with_the_trainer_sharded_over_two_processes(tmp_path, launcher
                             str(ROOT / "05_train.py"), *args], capture_output=True, text=True, timeout=300, cwd=ROOT,
                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "FSDP2 over 2 CPU processes (gloo)" in r.stdout
+    assert "FSDP2 over 2 processes (gloo)" in r.stdout
     assert [row["version"] for row in _rows(run)] == [1, 2]
     ckpt = run / "checkpoints" / "v0002"
     assert (ckpt / "optimizer.rank0.pt").is_file() and (ckpt / "optimizer.rank1.pt").is_file()
