@@ -134,7 +134,7 @@ class VLLMSampler(policy_mod._Prompter):
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise RuntimeError(f"vLLM did not load the weights of version {version} within "
-                               f"{self.engine.refresh_timeout_s:.0f} s (a dead or stuck engine)")
+                               f"{self.engine.refresh_timeout_s:g} s (a dead or stuck engine)")
         self.version = version  # only after every replica holds them: a request started now gets them
         return digests
 

@@ -102,6 +102,30 @@ class FakeSampler:
             return [weights.digest_of(folder)]
 
 
+class FakeAsyncEngine(FakeSampler):
+    """An engine that batches continuously by itself, as vLLM's AsyncLLM: started in the pool's event loop, one
+    request per episode step (`asample`), `reply_s` each, any number in flight."""
+
+    def __init__(self, reply_s=0.005):
+        super().__init__()
+        self.reply_s, self.in_flight, self.peak, self.started, self.closed = reply_s, 0, 0, 0, 0
+
+    async def start(self):
+        self.started += 1
+
+    async def asample(self, turn, store):
+        store.get(turn.images[0])
+        version = self.version  # stamped when the request starts
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        await asyncio.sleep(self.reply_s)
+        self.in_flight -= 1
+        return pol.Sample("Memory: m\nAction: click(#0)", [1, 2, 3], [-0.5] * 3, version, False)
+
+    def close(self):
+        self.closed += 1
+
+
 class FakeLearner:
     """Sleeps `train_s` per update and records, for every trained step, the trainer version and the step's version."""
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from fakes import FakeEnvs, FakeLearner, FakeSampler, constant, long_tail
+from fakes import FakeAsyncEngine, FakeEnvs, FakeLearner, FakeSampler, constant, long_tail
 
 from asyncwebrl import ROOT, load
 
@@ -86,6 +86,17 @@ def test_every_refresh_is_checked_and_one_that_did_not_land_stops_the_run(tmp_pa
     with pytest.raises(RuntimeError, match="refresh check failed at version 1"):
         loop.run()
     assert len(learner.batches) == 1  # stopped at the first refresh, not after training on old weights
+
+
+def test_an_engine_that_batches_by_itself_gets_one_request_per_step_and_no_batch_barrier():
+    engine = FakeAsyncEngine()
+    loop, learner, envs, *_ = make_loop(sampler=engine, updates=4)
+    loop.run()
+    assert [m["version"] for m in loop.history] == [1, 2, 3, 4] and engine.loads == [1, 2, 3, 4]
+    assert engine.started == 1 == engine.closed  # started in the pool's event loop, closed with it
+    assert engine.batches == [] and loop.stats.inference_calls == 0  # never the batched path
+    assert loop.stats.inference_replies >= sum(len(t.steps) for t in loop.pool.trajectory_log) > 0  # + open episodes
+    assert engine.peak > 1  # requests of different episodes are in flight together
 
 
 def test_every_trajectory_is_trained_once_or_counted():
