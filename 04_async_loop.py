@@ -5,10 +5,12 @@
     N episode workers, each forever:                           forever:
       take the next slot of a task group (admission control)     take B complete groups
       reset -> [turn -> batched inference -> env.step]* -> done  recompute pi_prox, GRPO loss (03), optimizer step
-      hand the trajectory to its group; a full group goes        version += 1, publish weights to the sampler
-      to the GroupBuffer (or is rejected: no signal)             (the pool keeps running; the next inference
-    one inference server: every worker waiting for an action     batch uses the new weights)
-      is served by one batched sampler call per tick
+      hand the trajectory to its group; a full group goes        version += 1, write the weights to files; the
+      to the GroupBuffer (or is rejected: no signal)             sampler loads them between two batches and
+    one inference server: every worker waiting for an action     must hold exactly what was written (the pool
+      is served by one batched sampler call per tick (an         keeps running: the next batch uses them)
+      engine that batches by itself, vLLM, gets one request
+      per step instead)
 
 Why threads, in one process: the rollout side is I/O (a browser per episode, driven by async Playwright, so one
 asyncio loop runs all N episodes) plus inference; the trainer is a long torch computation. torch releases the GIL

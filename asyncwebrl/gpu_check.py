@@ -111,7 +111,9 @@ def main(argv=None) -> int:
         import vllm  # noqa: F401
     except ImportError:
         result["vllm"] = "not installed"
-        print("4. vLLM: not installed, skipped")
+    if not dev.startswith("cuda") or result.get("vllm"):
+        result["vllm"] = result.get("vllm", "needs a GPU")
+        print(f"4. vLLM: {result['vllm']}, skipped")
     else:
         result["vllm"] = check_vllm(policy, turns, store, folder)
         ok &= result["vllm"]["digest_match"]
