@@ -271,7 +271,8 @@ def check(cfg: TrainConfig, dry_run: bool = False) -> None:
     if place.shared and cfg.engine == "vllm" and not dry_run and not tiny:
         params, memory = model_params(cfg.model), torch.cuda.get_device_properties(0).total_memory
         if not dist.fits_one_gpu(params, memory, cfg.gpu_memory_utilization):
-            raise UsageError(f"--gpus 1: training {params / 1e9:.1f}B parameters (fp32 weights, gradients and AdamW: "
+            size = f"{params / 1e9:.1f}B" if params >= 1e8 else f"{params / 1e6:.1f}M"
+            raise UsageError(f"--gpus 1: training {size} parameters (fp32 weights, gradients and AdamW: "
                              f"~{16 * params / 2**30:.0f} GiB) does not fit beside the engine's "
                              f"{cfg.gpu_memory_utilization:.0%} of {memory / 2**30:.0f} GiB; use --gpus 2 or more")
     tasks = load_tasks(cfg)

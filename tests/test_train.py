@@ -58,6 +58,20 @@ def test_a_launch_that_would_put_two_ranks_on_one_gpu_is_refused(capsys):
         train.placement(train.TrainConfig(gpus=1, nodes=2))
 
 
+def test_gpus_1_with_vllm_is_refused_in_one_line_when_the_trainer_cannot_fit(tiny_dir, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"total_memory": 2**30})())
+    args = ["--gpus", "1", "--engine", "vllm", "--model", str(tiny_dir), "--updates", "1"]
+    cfg, _ = train.resolve(args + ["--gpu-memory-utilization", "0.5"])
+    train.check(cfg)  # 5M parameters: 96 MB of trainer state fit in half of 1 GiB
+    cfg, _ = train.resolve(args + ["--gpu-memory-utilization", "0.95"])
+    with pytest.raises(train.UsageError, match=r"--gpus 1: training 5.5M parameters .* does not fit beside the "
+                                               r"engine's 95% of 1 GiB; use --gpus 2 or more"):
+        train.check(cfg)
+
+
 def test_one_gpu_fits_a_small_model_and_refuses_an_8b_one():
     h200 = 141 * 2**30
     assert train.dist.fits_one_gpu(2_000_000_000, h200, 0.3)  # 2B: 38 GB of trainer state beside a 42 GB engine
