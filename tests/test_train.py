@@ -67,7 +67,7 @@ def test_gpus_1_with_vllm_is_refused_in_one_line_when_the_trainer_cannot_fit(tin
     cfg, _ = train.resolve(args + ["--gpu-memory-utilization", "0.5"])
     train.check(cfg)  # 5M parameters: 96 MB of trainer state fit in half of 1 GiB
     cfg, _ = train.resolve(args + ["--gpu-memory-utilization", "0.95"])
-    with pytest.raises(train.UsageError, match=r"--gpus 1: training 5.5M parameters .* does not fit beside the "
+    with pytest.raises(train.UsageError, match=r"--gpus 1: training 5.0M parameters .* does not fit beside the "
                                                r"engine's 95% of 1 GiB; use --gpus 2 or more"):
         train.check(cfg)
 
