@@ -1,6 +1,6 @@
 """Helper script for tests/test_train.py (not a test module): one learner update on a fixed batch, either in one
 process or sharded with FSDP2 over 2 CPU processes (gloo), with plain SGD so the step is the gradient. Saves the
-gathered full state dict to OUT.   python tests/sharded_update.py MODEL_DIR OUT {1|2}"""
+gathered full state dict and every metric to OUT.   python tests/sharded_update.py MODEL_DIR OUT {1|2}"""
 import io
 import sys
 
@@ -27,7 +27,7 @@ def batch(policy):
                                          ("Memory: \nAction: scroll(down)", 0.0)]):
         ids = policy.tokenizer(reply)["input_ids"] + [policy.tokenizer.eos_token_id]
         sample = pol.Sample(reply, ids, [-1.0] * len(ids), 0, False)
-        steps = [aloop.Step(turn, sample, None)] * (i + 1)  # trajectories of 1, 2 and 3 steps
+        steps = [aloop.Step(turn, sample, None)] * (1, 2, 2)[i]  # 5 rows: one rank is a row short (an empty chunk)
         trajs.append(aloop.Trajectory(i, 0, "t", 0, "ep", steps, reward=reward))
     return [aloop.Group(0, None, 0, trajs)], store
 
@@ -35,10 +35,10 @@ def batch(policy):
 def update(rank: int, world: int, model: str, out: str, port: int = 0):
     if world > 1:
         dist.init(rank, world, port, "cpu", timeout_s=300)
-    cfg = train.TrainConfig(model=model, micro_batch=2)
+    cfg = train.TrainConfig(model=model, micro_batch=2, epochs=2, minibatches=2)  # pi_prox != pi after a step
     pcfg = pol.PolicyConfig(model=model)
     policy, learner = train.make_learner(cfg, pcfg, None, rank, world)
-    learner.optimizer = torch.optim.SGD(policy.model.parameters(), lr=1.0)
+    learner.optimizer = torch.optim.SGD(policy.model.parameters(), lr=0.3)
     groups, store = batch(policy)
     learner.store = store
     metrics = learner.update(groups)
