@@ -126,26 +126,28 @@ def grpo_loss(logp, prox_logp, behave_logp, mask, step_traj, traj_reward, traj_g
         loss = per_step.sum() / max(int((mask.sum(1) > 0).sum()), 1)
     else:
         raise ValueError(f"token_agg must be 'batch' or 'step', got {cfg.token_agg!r}")
-    return loss, _metrics(logp, prox_logp, behave_logp, mask, adv, m, r_hat, step_traj, traj_reward, degenerate, cfg)
+    return loss, _metrics(logp, prox_logp, behave_logp, mask, adv, m, r_hat, step_traj, traj_reward, degenerate, cfg,
+                          n_tokens)
 
 
 def _masked_mean(x, mask):
     return float((x * mask).sum() / mask.sum()) if mask.sum() > 0 else 0.0
 
 
-def _metrics(logp, prox_logp, behave_logp, mask, adv, m, r_hat, step_traj, traj_reward, degenerate, cfg):
+def _metrics(logp, prox_logp, behave_logp, mask, adv, m, r_hat, step_traj, traj_reward, degenerate, cfg, n_tokens):
     with torch.no_grad():
         return _metrics_of(logp.detach(), prox_logp, behave_logp, mask, adv, m, r_hat, step_traj, traj_reward,
-                           degenerate, cfg)
+                           degenerate, cfg, n_tokens)
 
 
-def _metrics_of(logp, prox_logp, behave_logp, mask, adv, m, r_hat, step_traj, traj_reward, degenerate, cfg):
+def _metrics_of(logp, prox_logp, behave_logp, mask, adv, m, r_hat, step_traj, traj_reward, degenerate, cfg,
+                n_tokens=None):
     n = float(mask.sum())
     coupled = ppo_token_loss(logp, prox_logp, behave_logp, adv, LossConfig(**{**cfg.__dict__, "decoupled": False}))[1]
     decoupled = ppo_token_loss(logp, prox_logp, behave_logp, adv, LossConfig(**{**cfg.__dict__, "decoupled": True}))[1]
     success = (traj_reward[step_traj] > 0).unsqueeze(1).to(mask.dtype) * mask
     failure = mask - success
-    weight = adv.abs() / max(n, 1.0)  # gradient weight of each token at rho = w = 1 (batch aggregation)
+    weight = adv.abs() / max(float(n_tokens) if n_tokens else n, 1.0)  # gradient weight of a token at rho = w = 1
     w_success, w_failure = _masked_mean(weight, success), _masked_mean(weight, failure)
     traj_success = traj_reward > 0
     return {
@@ -161,8 +163,9 @@ def _metrics_of(logp, prox_logp, behave_logp, mask, adv, m, r_hat, step_traj, tr
         "approx_kl_prox": _masked_mean(prox_logp - logp, mask),
         "adv_success_mean": float(r_hat[traj_success].mean()) if traj_success.any() else 0.0,
         "adv_failure_mean": float(r_hat[~traj_success].mean()) if (~traj_success).any() else 0.0,
-        "token_weight_success": w_success,
+        "token_weight_success": w_success,  # means over this call's success / failure tokens, of which there are
         "token_weight_failure": w_failure,
+        "tokens_success": float(success.sum()),  # these many (a caller that splits a batch weights by them)
         "degenerate_groups": degenerate,
     }
 

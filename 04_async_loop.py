@@ -566,6 +566,7 @@ class Learner:
                        for mb in range(self.cfg.minibatches)]
         for idx in minibatches:
             n_tokens = sum(len(rows[r][1].sample.token_ids) for r in idx)  # |T| of the whole minibatch
+            n_success = sum(len(rows[r][1].sample.token_ids) for r in idx if trajs[rows[r][0]].reward > 0)
             for c in self._my_chunks(idx):
                 logp, mask = self._logprobs([rows[r][1] for r in (c or idx[:1])])
                 T = logp.shape[1]
@@ -580,13 +581,17 @@ class Learner:
                     continue
                 metrics["loss"] += float(loss.detach()) / n_steps
                 share = float(mask.sum()) / n_tokens / n_steps  # token-weighted means over chunks and steps
+                # the token weights are means over the success (failure) tokens: weighted by those tokens' share
+                shares = dict(token_weight_success=m["tokens_success"] / max(n_success, 1) / n_steps,
+                              token_weight_failure=(float(mask.sum()) - m["tokens_success"])
+                              / max(n_tokens - n_success, 1) / n_steps)
                 for k, v in m.items():
                     if k == "iw_max":
                         metrics[k] = max(metrics[k], v)
-                    elif k in ("tokens", "degenerate_groups"):  # counts: of one pass over the batch
+                    elif k in ("tokens", "tokens_success", "degenerate_groups"):  # counts: of one pass
                         metrics[k] = v if k == "degenerate_groups" else metrics[k] + v / self.cfg.epochs
                     else:
-                        metrics[k] += v * share
+                        metrics[k] += v * shares.get(k, share)
             norm = torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), self.cfg.grad_clip)
             metrics["grad_norm"] += float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm) / n_steps
             self.optimizer.step()

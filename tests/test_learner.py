@@ -1,4 +1,6 @@
 """04's Learner on the real tiny policy: the sign of the update is right, and on-policy data gives ratio 1."""
+import math
+
 import pytest
 import torch
 
@@ -57,17 +59,19 @@ def test_micro_batching_gives_the_same_gradient_step(tiny_dir, shot_store):
     policy_store = shot_store
     replies = [("Memory: a\nAction: click(#0)", 1.0), ("Memory: bb b\nAction: click(#1)", 0.0),
                ("Memory: \nAction: scroll(down)", 0.0), ('Memory: x\nAction: type(#0, "hi")', 1.0)]
-    weights = []
+    weights, metrics = [], []
     for micro in (1, 16):
         torch.manual_seed(0)
         p = pol.Policy(pol.PolicyConfig(model=str(tiny_dir), dtype="float32"))  # fp32 on a GPU too: exact sums
         learner = aloop.Learner(p, shot_store, cfg=aloop.LearnerConfig(micro_batch=micro, grad_clip=1e9))
         learner.optimizer = torch.optim.SGD(p.model.parameters(), lr=1.0)  # step = -gradient: compare gradients
         start = p.model.get_input_embeddings().weight.detach().clone()
-        learner.update([group_of(p, replies)])
+        metrics.append(learner.update([group_of(p, replies)]))
         weights.append(p.model.get_input_embeddings().weight.detach() - start)
     assert weights[0].abs().max() > 1e-4
     assert torch.allclose(weights[0], weights[1], atol=1e-6)
+    for key in metrics[0]:  # every metric too: means over success or failure tokens included
+        assert metrics[0][key] == pytest.approx(metrics[1][key], rel=1e-4, abs=1e-7), key
 
 
 class ThetaPolicy:
@@ -133,3 +137,56 @@ def test_decoupled_learner_computes_pi_prox_once_and_weights_by_pi_prox_over_pi_
     assert m["tokens"] == len(tokens) == 12  # a count over one pass, not summed over epochs or minibatches
     assert m["degenerate_groups"] == 1  # the third group's rewards are equal: counted once, not per step
     assert len(losses) == 4 and m["loss"] == pytest.approx(sum(losses) / 4)  # the mean over the optimizer steps
+
+
+def test_the_ranks_of_a_data_parallel_learner_add_up_to_one_learner(monkeypatch):
+    """Data parallelism's arithmetic in one process, world = 2: rank r trains rows r, r + 2, ... of the batch (7 rows,
+    micro-batch 3: rank 1 is a row short and runs an empty chunk, as a sharded model needs), scaled so that FSDP's
+    gradient average is the whole batch's gradient; `_gather_metrics` sums the ranks' token-weighted metrics and
+    takes the max of iw_max. Each rank has its own copy of the weights; one plain SGD step (the step = -gradient)."""
+    lp0 = torch.linspace(-1.0, 1.0, 6, dtype=torch.float64).log_softmax(-1)
+    members = [[([0, 1], 1.0), ([2, 3, 4], 0.0)], [([3, 4], 1.0), ([1], 0.0), ([5, 0, 2], 0.0)],
+               [([2, 2], 0.0), ([4], 0.0)]]  # 7 rows; the last group's rewards are all equal (degenerate)
+    groups, n = [], 0
+    for g, trajs in enumerate(members):
+        group = []
+        for ids, reward in trajs:
+            behave = [float(lp0[t]) - 0.3 * (t % 3) for t in ids]  # off-policy: importance weights 1, e^.3, e^.6
+            group.append(aloop.Trajectory(n, g, "t", 0, f"e{n}", [aloop.Step(None, pol.Sample("", ids, behave, 0,
+                                                                                                False), None)],
+                                          reward=reward))
+            n += 1
+        groups.append(aloop.Group(g, None, 0, group))
+
+    def run(rank, world):
+        policy = ThetaPolicy()
+        learner = aloop.Learner(policy, None, cfg=aloop.LearnerConfig(micro_batch=3, grad_clip=1e9), rank=rank,
+                                world=world)
+        learner.optimizer = torch.optim.SGD(policy.model.parameters(), lr=1.0)
+        learner._gather_metrics = lambda m: m  # the ranks' own metrics: gathered below
+        metrics = learner.update(groups)
+        return policy.model.theta.detach() - torch.linspace(-1.0, 1.0, 6, dtype=torch.float64), metrics, learner
+
+    one_step, one, _ = run(0, 1)
+    (step0, raw0, learner0), (step1, raw1, _) = run(0, 2), run(1, 2)
+    assert torch.allclose((step0 + step1) / 2, one_step, atol=1e-12) and one_step.abs().max() > 1e-3
+    assert not torch.allclose(step0, step1)  # the ranks trained different rows
+
+    import torch.distributed as dist
+
+    peer = []  # rank 1's tensors, in call order; rank 0 combines them as all_reduce would
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=dist.ReduceOp.SUM: peer.append(t.clone()))
+    aloop.Learner._gather_metrics(learner0, raw1)
+
+    def combine(t, op=dist.ReduceOp.SUM):
+        other = peer.pop(0)
+        t.copy_(torch.maximum(t, other) if op == dist.ReduceOp.MAX else t + other)
+
+    monkeypatch.setattr(dist, "all_reduce", combine)
+    gathered = aloop.Learner._gather_metrics(learner0, raw0)
+    assert set(gathered) == set(one) and not peer
+    for key in one:
+        if key != "grad_norm":  # each copy's local gradient norm here; FSDP's is of the whole gradient
+            assert gathered[key] == pytest.approx(one[key], rel=1e-6, abs=1e-9), key
+    assert gathered["iw_max"] == pytest.approx(math.exp(0.6)) and one["tokens"] == 14
+    assert one["degenerate_groups"] == 1
