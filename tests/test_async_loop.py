@@ -394,7 +394,8 @@ def test_a_group_that_finishes_late_is_trained_stale_as_released_or_dropped_when
         ledger["abandoned"] + ledger["leftover"]
     assert ledger["leftover"] == ledger["in_buffer"] + ledger["in_open_groups"]
     if drop_stale:
-        assert not late & set(trained) and ledger["dropped_stale"] == 2 and loop.stats.groups_dropped == 1
+        # group 0 is dropped, with both its trajectories (on a loaded machine another group may age past the bound)
+        assert not late & set(trained) and ledger["dropped_stale"] == 2 * loop.stats.groups_dropped >= 2
         assert max(trained.values()) <= 1 and max(m["staleness_max"] for m in loop.history) <= 1
         assert not any(k.startswith("g0.") for k in store._bytes)
     else:
