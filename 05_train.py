@@ -507,8 +507,10 @@ def engine_config(cfg: TrainConfig, place: dist.Placement):
 def build(cfg: TrainConfig, pcfg, store, tasks: list, version: int = 0, world: int = 1, place=None,
           **loop_overrides):
     """Policy (trainer side), sampler (rollout side, its own copy of the weights), learner and loop."""
-    sampler = policy_mod.make_sampler(dataclasses.replace(pcfg, device=None, gradient_checkpointing=False), cfg.engine,
-                                      engine_config(cfg, place or placement(cfg)))
+    place = place or placement(cfg)
+    rollout_device = "cuda:0" if place.gpus else None  # the first rollout GPU (vLLM places its replicas itself)
+    sampler = policy_mod.make_sampler(dataclasses.replace(pcfg, device=rollout_device, gradient_checkpointing=False),
+                                      cfg.engine, engine_config(cfg, place))
     sampler.version = version
     policy, learner = make_learner(cfg, pcfg, store, rank=0, world=world)
     if world > 1:
