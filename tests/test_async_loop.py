@@ -46,6 +46,13 @@ def make_loop(store=None, envs=None, sampler=None, train_s=0.01, **cfg):
 WATCHDOG_S = 20  # every fake loop here ends in under 2 s, on a loaded machine too
 
 
+@pytest.fixture(autouse=True)
+def _in_a_scratch_folder(tmp_path, monkeypatch):
+    """Each test runs in its own empty working folder: the loop writes and deletes weight folders, and a bug (or a
+    planted mutant) that turned a relative path into the working folder must not delete the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_the_real_policy_and_learner_train_through_the_loop(mode, tiny_dir, shot_store):
