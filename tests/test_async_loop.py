@@ -499,12 +499,14 @@ def test_the_stall_warning_reaches_a_piped_log_while_the_run_is_still_going(tmp_
     script = tmp_path / "stall.py"
     script.write_text("import test_async_loop as t\n"
                       "store = t.env.ScreenshotStore()\n"
-                      "loop, *_ = t.make_loop(store, envs=t.FakeEnvs(store, p_success=0.0), updates=2)\n"
+                      f"loop, *_ = t.make_loop(store, envs=t.FakeEnvs(store, p_success=0.0), updates=2, "
+                      f"weights_dir={str(tmp_path / 'w')!r})\n"
                       "loop.run()\n")
     tests = os.path.dirname(os.path.abspath(__file__))
     environ = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as most machines are
     child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                             env={**environ, "PYTHONPATH": os.pathsep.join([tests, str(ROOT)])}, text=True)
+                             env={**environ, "PYTHONPATH": os.pathsep.join([tests, str(ROOT)])}, text=True,
+                             cwd=ROOT)  # (mutmut's stats mode reads its config there)
     try:
         selector = selectors.DefaultSelector()
         selector.register(child.stdout, selectors.EVENT_READ)
