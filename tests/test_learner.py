@@ -145,9 +145,9 @@ def test_the_ranks_of_a_data_parallel_learner_add_up_to_one_learner(monkeypatch)
     gradient average is the whole batch's gradient; `_gather_metrics` sums the ranks' token-weighted metrics and
     takes the max of iw_max. Each rank has its own copy of the weights; one plain SGD step (the step = -gradient)."""
     lp0 = torch.linspace(-1.0, 1.0, 6, dtype=torch.float64).log_softmax(-1)
-    members = [[([0, 1], 1.0), ([2, 3, 4], 0.0)], [([3, 4], 1.0), ([1], 0.0), ([5, 0, 2], 0.0)],
+    members = [[([3, 5], 1.0), ([2, 3, 4], 0.0)], [([3, 4], 1.0), ([1], 0.0), ([5, 0, 2], 0.0)],
                [([2, 2], 0.0), ([4], 0.0)]]  # 7 rows; the last group's rewards are all equal (degenerate)
-    groups, n = [], 0
+    groups, n = [], 1  # ids from 1: the empty chunk then stands in with a row whose advantage is not 0
     for g, trajs in enumerate(members):
         group = []
         for ids, reward in trajs:
@@ -190,3 +190,11 @@ def test_the_ranks_of_a_data_parallel_learner_add_up_to_one_learner(monkeypatch)
             assert gathered[key] == pytest.approx(one[key], rel=1e-6, abs=1e-9), key
     assert gathered["iw_max"] == pytest.approx(math.exp(0.6)) and one["tokens"] == 14
     assert one["degenerate_groups"] == 1
+    # the token weights by hand: |A| / |T| averaged over the success (failure) tokens, A = r_hat / k (k = 10)
+    trajs = [ids_reward for g in members for ids_reward in g]
+    reward = torch.tensor([r for _, r in trajs])
+    r_hat, _ = loss_mod.group_advantages(reward, torch.tensor([g for g, m in enumerate(members) for _ in m]))
+    per_token = [(abs(float(a)) / 10 / 14, r > 0) for (ids, r), a in zip(trajs, r_hat) for _ in ids]
+    for key, success in (("token_weight_success", True), ("token_weight_failure", False)):
+        expected = [w for w, s in per_token if s == success]
+        assert one[key] == pytest.approx(sum(expected) / len(expected), rel=1e-6), key
