@@ -130,7 +130,7 @@ class FakeLearner:
     """Sleeps `train_s` per update and records, for every trained step, the trainer version and the step's version."""
 
     def __init__(self, train_s=0.01, loop=None):
-        self.train_s, self.loop, self.batches = train_s, loop, []
+        self.train_s, self.loop, self.batches, self.published = train_s, loop, [], []
 
     def update(self, groups):
         version = self.loop.version if self.loop else None
@@ -139,4 +139,5 @@ class FakeLearner:
         return {"loss": 0.0}
 
     def publish(self, folder, dtype=None):  # one tensor: the real file handoff, at no cost
-        return weights.write([("version", torch.tensor([len(self.batches)]))], folder, dtype)
+        self.published.append((str(folder), dtype))
+        return weights.write([("version", torch.tensor([len(self.batches)], dtype=torch.float32))], folder, dtype)

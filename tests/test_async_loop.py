@@ -76,10 +76,13 @@ def test_the_real_policy_and_learner_train_through_the_loop(mode, tiny_dir, shot
 
 
 def test_every_refresh_is_checked_and_one_that_did_not_land_stops_the_run(tmp_path):
-    loop, learner, envs, sampler, store = make_loop(updates=3, weights_dir=str(tmp_path))
+    sampler = FakeSampler()
+    sampler.weights_dtype = torch.bfloat16  # what this engine wants: the trainer casts to it when it writes
+    loop, learner, envs, sampler, store = make_loop(sampler=sampler, updates=3, weights_dir=str(tmp_path / "w"))
     loop.run()
     assert loop.stats.refreshes_checked == 3 and sampler.loads == [1, 2, 3]
-    assert not list(tmp_path.iterdir())  # each version's files go once the engine holds them
+    assert learner.published == [(str(tmp_path / "w" / f"v{v}"), torch.bfloat16) for v in (1, 2, 3)]
+    assert not list((tmp_path / "w").iterdir())  # each version's files go once the engine holds them
     loop, *_ = make_loop(updates=2)
     loop.run()
     assert loop.weights_root is not None and not loop.weights_root.exists()  # the loop's own RAM folder too

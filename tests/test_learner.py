@@ -198,3 +198,15 @@ def test_the_ranks_of_a_data_parallel_learner_add_up_to_one_learner(monkeypatch)
     for key, success in (("token_weight_success", True), ("token_weight_failure", False)):
         expected = [w for w, s in per_token if s == success]
         assert one[key] == pytest.approx(sum(expected) / len(expected), rel=1e-6), key
+
+
+def test_publish_writes_the_trained_weights_in_the_engines_dtype(tiny_dir, tmp_path):
+    from asyncwebrl import weights
+
+    policy = pol.Policy(pol.PolicyConfig(model=str(tiny_dir)))
+    learner = aloop.Learner(policy, None)
+    digest = learner.publish(tmp_path / "v1", torch.bfloat16)
+    files = dict(weights.read(tmp_path / "v1"))
+    assert digest == weights.digest_of(tmp_path / "v1") and {t.dtype for t in files.values()} == {torch.bfloat16}
+    held = dict(policy.model.named_parameters())
+    assert set(files) == set(held) and all(torch.equal(files[k], held[k].detach().to(torch.bfloat16)) for k in files)
