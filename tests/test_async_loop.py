@@ -109,6 +109,40 @@ def test_an_engine_that_batches_by_itself_gets_one_request_per_step_and_no_batch
     assert engine.peak > 1  # requests of different episodes are in flight together
 
 
+def test_a_turn_that_breaks_the_sampler_fails_its_own_episode_only(capsys):
+    """A batched sampler call that raises is retried one request at a time: the one bad turn's episode fails (and
+    runs again), the others in its batch get their replies."""
+    class OneBadTurn(FakeSampler):
+        def __init__(self):
+            super().__init__()
+            self.calls, self.poisoned = [], 0
+
+        def turn(self, obs, state):
+            bad = self.poisoned < 2  # the first two turns ever asked for
+            self.poisoned += bad
+            return pol_mod.Turn(prompt="bad" if bad else obs.goal, images=(obs.screenshot,), n_marks=0)
+
+        def sample(self, turns, store):
+            self.calls.append(len(turns))
+            if any(t.prompt == "bad" for t in turns):
+                raise ValueError("an image the engine cannot read")
+            return super().sample(turns, store)
+
+    sampler = OneBadTurn()
+    loop, *_ = make_loop(sampler=sampler, updates=3, workers=6)
+    loop.run()
+    assert loop.stats.env_errors == 2 and [m["version"] for m in loop.history] == [1, 2, 3]
+    assert max(sampler.calls) > 1 and 1 in sampler.calls  # a failed batch, then its requests one by one
+    assert capsys.readouterr().out.count("an image the engine cannot read") == 2
+
+
+def test_waking_the_pool_before_it_runs_or_after_it_stopped_is_harmless():
+    loop, *_ = make_loop(updates=1)
+    loop.pool.wake()  # the trainer may say "something changed" before the rollout thread has its event loop
+    loop.run()
+    loop.pool.wake()  # or after it closed
+
+
 def test_every_trajectory_is_trained_once_or_counted():
     loop, learner, envs, sampler, store = make_loop(updates=8)
     loop.run()
