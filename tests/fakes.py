@@ -28,7 +28,7 @@ class FakeEnvs:
             fail_every
         self.before_reset = before_reset  # async (task, episode) -> None, may raise: a scripted env failure
         self.jpeg = jpeg  # a real screenshot (JPEG bytes) for a real policy; None: a few bytes that only fakes read
-        self.slots, self.resets, self.started, self.closed = [], 0, False, False
+        self.slots, self.resets, self.started, self.closed, self.reset_log = [], 0, False, False, []
 
     async def start(self):
         self.started = True
@@ -56,6 +56,7 @@ class FakeEnv:
     async def reset(self, task, seed, episode):
         o = self.owner
         o.resets += 1
+        o.reset_log.append((episode, task.id, seed))
         if o.fail_every and o.resets % o.fail_every == 0:
             raise RuntimeError("scripted env failure")
         if o.before_reset is not None:

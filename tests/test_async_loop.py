@@ -143,6 +143,19 @@ def test_waking_the_pool_before_it_runs_or_after_it_stopped_is_harmless():
     loop.pool.wake()  # or after it closed
 
 
+def test_the_episodes_of_a_group_play_the_same_task_instance():
+    """GRPO compares the G trajectories of one task instance: every episode of a group resets to the same task and
+    the same seed, and different groups draw different seeds."""
+    loop, learner, envs, *_ = make_loop(updates=3)
+    loop.run()
+    seen = {}
+    for episode, task, seed in envs.reset_log:
+        seen.setdefault(int(episode[1:].split(".")[0]), set()).add((task, seed))
+    assert len(seen) >= 6 and all(len(v) == 1 for v in seen.values())  # one (task, seed) per group
+    seeds = [seed for v in seen.values() for _, seed in v]
+    assert all(isinstance(x, int) for x in seeds) and len(set(seeds)) == len(seeds)
+
+
 def test_every_trajectory_is_trained_once_or_counted():
     loop, learner, envs, sampler, store = make_loop(updates=8)
     loop.run()
