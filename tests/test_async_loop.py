@@ -129,7 +129,7 @@ def test_a_turn_that_breaks_the_sampler_fails_its_own_episode_only(capsys):
             return super().sample(turns, store)
 
     sampler = OneBadTurn()
-    loop, *_ = make_loop(sampler=sampler, updates=3, workers=6)
+    loop, *_ = make_loop(sampler=sampler, updates=3, workers=6, max_inference_batch=2)  # a failing pair too
     loop.run()
     assert loop.stats.env_errors == 2 and [m["version"] for m in loop.history] == [1, 2, 3]
     assert max(sampler.calls) > 1 and 1 in sampler.calls  # a failed batch, then its requests one by one
