@@ -318,7 +318,12 @@ def test_batched_inference_serves_many_workers_per_call():
     first = sampler.batches[0]
     assert first == 8 or sampler.batches[1] == 8 - first  # every waiting worker served by the next call
     assert max(sampler.batches[:2]) >= 4 and loop.stats.inference_calls < loop.stats.inference_replies
+    # counted when a call's replies are handed out (a last call may end after the pool stopped: not counted)
+    assert len(sampler.batches) - 1 <= loop.stats.inference_calls <= len(sampler.batches)
+    assert sum(sampler.batches[:-1]) <= loop.stats.inference_replies <= sum(sampler.batches)
     assert loop.version == 4
+    with pytest.raises(ValueError, match="mode must be 'async' or 'sync', got 'fast'"):
+        make_loop(mode="fast")
 
 
 def throughput(mode, length, seed, **cfg):
