@@ -8,6 +8,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from asyncwebrl import ROOT, load
@@ -117,3 +119,24 @@ def test_the_gpu_check_script_runs_on_a_cpu(tmp_path):
     assert gpu_check.main(["--device", "cpu", "--out", str(tmp_path / "g.json"), "--matrix", "512"]) == 0
     result = __import__("json").loads((tmp_path / "g.json").read_text())
     assert result["ok"] and result["hf_refresh"]["digest_match"] and result["adamw_step_moved"]["bf16"] < 0.5
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=300) | st.builds(lambda h, tail: len(h).to_bytes(8, "little") + h + tail,
+                                           st.text(max_size=120).map(str.encode), st.binary(max_size=64)))
+def test_any_weight_file_is_loaded_or_refused_with_a_typed_error(tmp_path_factory, data):
+    """A refresh folder holding any bytes (a torn write, another tool's file): the engine loads it or raises a typed
+    error, quickly; it never half-loads silently (the digest would then differ from the trainer's anyway)."""
+    from safetensors import SafetensorError
+
+    from asyncwebrl import weights
+
+    folder = tmp_path_factory.mktemp("w")
+    (folder / "model-00000.safetensors").write_bytes(data)
+    model = torch.nn.Linear(2, 2)
+    t0 = time.time()
+    try:
+        weights.load_into(model, folder)
+    except (RuntimeError, ValueError, OSError, KeyError, SafetensorError):
+        pass
+    assert time.time() - t0 < 2
