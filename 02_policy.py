@@ -12,15 +12,17 @@ This file defines, in reading order:
                       that turns any reply (malformed, truncated) into (memory, action | error), never raising
   encode              one function that turns prompts + screenshots (+ response tokens) into model inputs; the
                       trainer and the sampler both call it, so they see the very same tokens
-  tiny model          a Qwen3-VL of the real architecture with a tiny config, random weights, an offline BPE
-                      tokenizer and the Qwen image processor, saved with save_pretrained (no download, ever)
-  ActionGrammar       optional constrained decoding: a random model can only write valid replies
   Policy              the training side: per-token log-probs of response tokens (with a mask), images included
   Samplers            the rollout side: transformers `generate` here (CPU, fallback), vLLM in
                       asyncwebrl/vllm_engine.py (GPU); both return token ids + behaviour log-probs + the policy
                       version, and load new weights from files, atomically with respect to sampling
 
 Run `python 02_policy.py` to build the tiny model (once) and let it act on one MiniWoB++ page.
+
+Changed from the paper, for a 2-core CPU: the default model is a 5M-parameter Qwen3-VL of the real architecture
+with random weights, built offline (asyncwebrl/tiny_model.py; the paper fine-tunes Qwen3-VL-8B, which `--model`
+loads through the same code), and its replies are grammar-constrained (asyncwebrl/grammar.py), so that a random
+model writes valid actions from its first step; the log-probs of both sides use the same mask.
 """
 from __future__ import annotations
 
@@ -31,18 +33,17 @@ import os
 import re
 import threading
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from asyncwebrl import ROOT, load, weights
+from asyncwebrl import load, suites, tiny_model, weights
+from asyncwebrl.grammar import ActionGrammar, GrammarLogitsProcessor
+from asyncwebrl.tiny_model import CHAT_TEMPLATE, IMAGE_PAD, TINY_MODEL_DIR, is_tiny
 
 env = load("01_env")
 
 PAPER_MODEL = "Qwen/Qwen3-VL-8B-Instruct"  # the paper's main policy (any Qwen-VL that transformers loads works)
-TINY_MODEL_DIR = ROOT / ".cache" / "tiny-qwen3vl"  # where `build_tiny_model` saves the offline CPU model
 
 
 @dataclass
@@ -69,8 +70,6 @@ Action: <one action>
 Actions: click(#N) | click(X, Y) | type(#N, "text") | type("text") | press("Key") | scroll(up) | scroll(down) | \
 go_back() | answer("text")
 #N is an element mark; X, Y are 0-1000 across the screenshot."""
-
-IMAGE_PAD, VISION_START, VISION_END = "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"
 
 
 @dataclass(frozen=True)
@@ -208,84 +207,9 @@ def encode(tokenizer, image_processor, prompts: list[str], images: list[list], r
     return batch
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The tiny model: the real Qwen3-VL architecture with a tiny config and random weights, built offline.
-#
-# Size (5.0M parameters): text 4 layers x 256 wide (4 query / 2 key-value heads of 64, as Qwen3's GQA), vision 2
-# layers x 128 wide, a 2048-token BPE. Why this size: a 2-core CPU must sample a batch of replies in well under a
-# second and take a gradient step in about a second, so that a run of a few minutes sees thousands of steps; and
-# what it must learn (match the goal's words to an element mark and copy it) is a few attention lookups deep. The
-# vocabulary is small on purpose: Qwen's 151k-token head would cost more than the rest of the model.
-
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", VISION_START, VISION_END, IMAGE_PAD, "<|video_pad|>"]
-# Qwen's chat format: <|im_start|>role\n ... <|im_end|>\n, an image as <|vision_start|><|image_pad|><|vision_end|>
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
-    "{% if m.content is string %}{{ m.content }}{% else %}{% for c in m.content %}"
-    "{% if c.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c.text }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def _tokenizer_corpus() -> list[str]:
-    """Text the BPE learns its merges from: the MiniWoB++ pages themselves, plus the prompt's and replies' own words
-    (so that the system prompt and the grammar cost few tokens)."""
-    pages = sorted((env.MINIWOB_HTML / "miniwob").glob("*.html"))
-    corpus = [p.read_text(encoding="utf-8", errors="replace") for p in pages]
-    replies = [f"Memory: {m}\nAction: {a}" for m in ("", "clicked the button", "typed the text, submit next")
-               for a in ("click(#3)", "click(500, 120)", 'type(#1, "hello")', 'press("Enter")', "scroll(down)",
-                         "go_back()", 'answer("done")')]
-    turn = "Goal: Click on the button.\nMemory: (empty)\nLast actions:\nclick(#1) -> ok\nElements:\n[0] button \"OK\""
-    return corpus + [SYSTEM_PROMPT, turn] * 50 + replies * 20
-
-
 def build_tiny_model(path: str | Path = TINY_MODEL_DIR, seed: int = 0) -> Path:
-    """Build and save the tiny model, its tokenizer and image processor under `path` (skipped if already there)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessorPil, Qwen3VLConfig, \
-        Qwen3VLForConditionalGeneration
-
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # byte-level: any text is encodable
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(_tokenizer_corpus(), trainers.BpeTrainer(
-        vocab_size=2048, special_tokens=SPECIAL_TOKENS, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    # Qwen-VL preprocessing: 16px patches, 2x2 merged into one visual token; a 160x210 MiniWoB++ screenshot is
-    # resized to 160x224 and becomes 35 visual tokens
-    image_processor = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
-                                               image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in
-           (("image_token_id", IMAGE_PAD), ("video_token_id", "<|video_pad|>"),
-            ("vision_start_token_id", VISION_START), ("vision_end_token_id", VISION_END))}
-    config = Qwen3VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
-                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[12, 10, 10],
-                                              mrope_interleaved=True),  # sections sum to head_dim / 2
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id),
-        vision_config=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, patch_size=16,
-                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=256,
-                           num_position_embeddings=256, deepstack_visual_indexes=[1]),
-        tie_word_embeddings=True, **ids)
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    path.mkdir(parents=True, exist_ok=True)
-    for part in (model, tokenizer, image_processor):
-        part.save_pretrained(path)
-    (path / "asyncwebrl-tiny").write_text("built by 02_policy.build_tiny_model: constrained decoding on by default\n")
-    return path
-
-
-def is_tiny(path: str) -> bool:
-    return Path(path).resolve() == TINY_MODEL_DIR.resolve() or (Path(path) / "asyncwebrl-tiny").exists()
+    """The offline CPU model (asyncwebrl/tiny_model.py), its tokenizer fitted to this file's prompt."""
+    return tiny_model.build(SYSTEM_PROMPT, path, seed)
 
 
 def load_model(cfg: PolicyConfig, trainable: bool):
@@ -321,125 +245,6 @@ def compute_dtype(cfg: PolicyConfig, device: str | torch.device) -> torch.dtype:
 
 def constrained(cfg: PolicyConfig) -> bool:
     return cfg.constrained if cfg.constrained is not None else is_tiny(cfg.model)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Constrained decoding. A randomly initialised model writes noise; restricted to the reply grammar it writes valid
-# (random) actions from its first step, which is what lets RL start from scratch. outlines-core compiles the
-# grammar (a regex) into token-level transitions. Two rules make it exact for RL:
-#  * budget: a token is allowed only if a complete reply can still end within max_new_tokens after it, so a
-#    constrained reply is never truncated;
-#  * log-probs: the sampler draws from softmax(logits / T) renormalised over the allowed tokens, and the behaviour
-#    log-probs it returns are those of that masked distribution. Policy.logprobs replays the same mask over the
-#    response tokens, so pi_theta, pi_prox and pi_behave in the loss are all the distribution actually sampled.
-
-_STR = r'[ !#-\[\]-~]*'  # printable ASCII without " and \ (an unbounded repeat: bounded ones blow up the DFA)
-_INT = r"(1000|[1-9][0-9]{0,2}|0)"
-
-
-def reply_regex(n_marks: int) -> str:
-    mark = "#(" + "|".join(str(i) for i in range(max(n_marks, 1))) + ")"
-    keys = "|".join(sorted(env.KEYS))
-    action = (rf'click\({mark}\)|click\({_INT}, {_INT}\)|type\({mark}, "{_STR}"\)|type\("{_STR}"\)|'
-              rf'press\("({keys})"\)|scroll\((up|down)\)|go_back\(\)|answer\("{_STR}"\)')
-    return rf"Memory: [ -~]*\nAction: ({action})"
-
-
-class ActionGrammar:
-    def __init__(self, tokenizer, max_new_tokens: int, memory_tokens: int):
-        from outlines_core import Vocabulary
-        from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-        byte_of = {u: b for b, u in bytes_to_unicode().items()}  # byte-level BPE spells bytes as unicode chars
-        special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())  # control tokens
-        vocab: dict[bytes, list[int]] = {}
-        for tok, i in tokenizer.get_vocab().items():
-            if i not in special and all(c in byte_of for c in tok):
-                vocab.setdefault(bytes(byte_of[c] for c in tok), []).append(i)
-        self.newline = {i for b, ids in vocab.items() if b"\n" in b for i in ids}  # tokens that end the memory line
-        self.eos, self.budget, self.memory_budget = tokenizer.eos_token_id, max_new_tokens, memory_tokens
-        self.vocab_size = len(tokenizer)
-        self.vocabulary = Vocabulary(self.eos, vocab)
-
-    @lru_cache(maxsize=64)
-    def automaton(self, n_marks: int):
-        """(index, transitions, table, memory_states); table[s] = (tokens, dist after token, ends memory line),
-        where dist[s] = fewest tokens from state s to a complete reply."""
-        from outlines_core import Index
-
-        index = Index(reply_regex(n_marks), self.vocabulary)
-        trans = index.get_transitions()
-        dist = {s: 0 for s in index.get_final_states()}
-        frontier, back = list(dist), {}
-        for s, edges in trans.items():
-            for s2 in set(edges.values()):
-                back.setdefault(s2, []).append(s)
-        while frontier:  # breadth-first search backwards from the final states
-            reached = {s: dist[s2] + 1 for s2 in frontier for s in back.get(s2, ()) if s not in dist}
-            dist.update(reached)
-            frontier = list(reached)
-        memory, frontier = set(), [index.get_initial_state()]
-        while frontier:  # states inside the memory line: reachable without a newline
-            s = frontier.pop()
-            if s not in memory:
-                memory.add(s)
-                frontier += [s2 for tok, s2 in trans.get(s, {}).items() if tok not in self.newline]
-        table = {s: (np.array(list(e)), np.array([dist.get(s2, 10**9) for s2 in e.values()]),
-                     np.array([tok in self.newline for tok in e])) for s, e in trans.items()}
-        if dist[index.get_initial_state()] + 1 > self.budget:
-            raise ValueError(f"max_new_tokens={self.budget} cannot fit the shortest valid reply")
-        return index, trans, table, memory
-
-    def allowed(self, n_marks: int, state: int, t: int) -> np.ndarray:
-        """Tokens allowed at reply position t (0-based) in `state`: the reply must still end (with EOS) in budget,
-        and a memory line that reached its budget must end now."""
-        index, _, table, memory = self.automaton(n_marks)
-        toks, dists, ends_line = table.get(state, (np.zeros(0, int), np.zeros(0, int), np.zeros(0, bool)))
-        ok = dists + 2 <= self.budget - t  # this token, dist more, then EOS
-        if t >= self.memory_budget and state in memory and (ok & ends_line).any():
-            ok &= ends_line
-        return np.append(toks[ok], self.eos) if index.is_final_state(state) else toks[ok]
-
-    def step(self, n_marks: int, state: int, token: int) -> int:
-        return self.automaton(n_marks)[1][state][token]
-
-    def masks(self, n_marks: int, tokens: list[int]) -> torch.Tensor:
-        """[len(tokens), V] bool: what the sampler allowed at each position of this reply."""
-        state = self.automaton(n_marks)[0].get_initial_state()
-        out = torch.zeros(len(tokens), self.vocab_size, dtype=torch.bool)
-        for t, tok in enumerate(tokens):
-            out[t, torch.from_numpy(self.allowed(n_marks, state, t))] = True
-            if not out[t, tok]:  # outside the grammar, or past a budget (memory line, whole reply)
-                raise ValueError(f"reply token {t} ({tok}) is not one the constrained sampler could write there: "
-                                 f"constrained log-probs are only defined for such replies")
-            if tok != self.eos:
-                state = self.step(n_marks, state, tok)
-        return out
-
-
-class GrammarLogitsProcessor:
-    """transformers LogitsProcessor: -inf on every token the grammar (and the budget) forbids, per batch row."""
-
-    def __init__(self, grammar: ActionGrammar, n_marks: list[int], prompt_width: int):
-        self.grammar, self.n_marks, self.width = grammar, n_marks, prompt_width
-        self.states = [grammar.automaton(n)[0].get_initial_state() for n in n_marks]
-        self.done = [False] * len(n_marks)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        t = input_ids.shape[1] - self.width
-        mask = torch.full_like(scores, float("-inf"))
-        for row, n in enumerate(self.n_marks):
-            if t > 0 and not self.done[row]:
-                last = int(input_ids[row, -1])
-                if last == self.grammar.eos:
-                    self.done[row] = True
-                else:
-                    self.states[row] = self.grammar.step(n, self.states[row], last)
-            if self.done[row]:
-                mask[row] = 0  # finished rows only receive padding
-            else:
-                mask[row, torch.from_numpy(self.grammar.allowed(n, self.states[row], t))] = 0
-        return scores + mask
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -603,7 +408,7 @@ async def _observe(task_name: str, seed: int):
         browser = env.Browser()
         page = env.BrowserEnv(browser, store, server.base)
         try:
-            obs = await page.reset(env.miniwob_tasks(names=[task_name])[0], seed=seed)
+            obs = await page.reset(suites.miniwob_tasks(names=[task_name])[0], seed=seed)
         finally:
             await page.close()
             await browser.close()
@@ -612,7 +417,8 @@ async def _observe(task_name: str, seed: int):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="02_policy: build the tiny offline Qwen3-VL (if absent), show it "
-                                                 "one MiniWoB++ page, print the prompt, its reply and the action.")
+                                                 "one MiniWoB++ page, print the prompt, its reply and the action. The model benchmark is "
+                                                 "`python -m experiments.policy_bench`.")
     parser.add_argument("--model", default=str(TINY_MODEL_DIR),
                         help=f"model path or hub name (default: the tiny model at {TINY_MODEL_DIR}; "
                              f"the paper's is {PAPER_MODEL})")
@@ -620,16 +426,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="episode seed, also seeds sampling (default: 0)")
     parser.add_argument("--unconstrained", action="store_true",
                         help="sample without the grammar constraint (a random tiny model then writes noise)")
-    parser.add_argument("--bench", action="store_true",
-                        help="time the tiny model (forward, forward+backward, sampling; batch of 8 real steps) "
-                             "and write figures/policy_bench.json")
     args = parser.parse_args(argv)
-    if args.bench:
-        from asyncwebrl.policy_bench import run_benchmark
-
-        return run_benchmark(ROOT / "figures" / "policy_bench.json")
     try:
-        env.miniwob_tasks(names=[args.task])
+        suites.miniwob_tasks(names=[args.task])
     except ValueError as e:
         parser.error(str(e))
     cfg = PolicyConfig(model=args.model, constrained=False if args.unconstrained else None)

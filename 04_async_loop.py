@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from asyncwebrl import load, weights
+from asyncwebrl import load, suites, weights
 
 env = load("01_env")
 policy_mod = load("02_policy")
@@ -74,7 +74,7 @@ class LoopConfig:
     updates: int = 10  # stop after this many updates
     max_inference_batch: int = 64  # cap on replies per sampler call
     slot_retries: int = 2  # an episode slot whose env raises this many times abandons its group
-    # ablations of the paper's two system adaptations (05_train.py --compare-sync):
+    # ablations of the paper's two system adaptations (`python -m experiments.compare_sync`):
     drain: bool = False  # no everlasting pool: before each refresh, stop starting episodes and wait for all to end
     screenshots_by_value: bool = False  # no lightweight screenshots: groups carry the bytes, serialised (pickled)
     weights_dir: str = ""  # where each refresh's weight files go (asyncwebrl/weights.py); "" = a fresh RAM folder
@@ -785,7 +785,7 @@ def real_run(mode: str, updates: int, tasks: list[str], out: Path, max_steps: in
     store = env.ScreenshotStore()
     pcfg = policy_mod.PolicyConfig()
     policy, sampler = policy_mod.Policy(pcfg), policy_mod.HFSampler(pcfg)  # same files: same initial weights
-    task_list = [dataclasses.replace(t, max_steps=max_steps or t.max_steps) for t in env.miniwob_tasks(names=tasks)]
+    task_list = [dataclasses.replace(t, max_steps=max_steps or t.max_steps) for t in suites.miniwob_tasks(names=tasks)]
     loop = Loop(LoopConfig(mode=mode, updates=updates, **loop_cfg), BrowserEnvs(store), sampler,
                 Learner(policy, store), task_list, store,
                 on_update=lambda m, groups: print(f"[{mode}] update {m['version']}: success {m['success']:.2f}, "
@@ -820,7 +820,7 @@ def main(argv=None):
                         help="where the timelines go (default: runs/04_demo)")
     args = parser.parse_args(argv)
     try:
-        env.miniwob_tasks(names=args.tasks)
+        suites.miniwob_tasks(names=args.tasks)
     except ValueError as e:
         parser.error(str(e))
     for mode in args.modes:

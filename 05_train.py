@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from asyncwebrl import ROOT, distributed as dist, load
+from asyncwebrl import ROOT, distributed as dist, load, suites
 
 env = load("01_env")
 policy_mod = load("02_policy")
@@ -154,10 +154,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="JSON file of TrainConfig fields")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest checkpoint")
     p.add_argument("--dry-run", action="store_true", help="print the placement and the config, then exit")
-    p.add_argument("--compare-sync", action="store_true",
-                   help="throughput benchmark: sync, async with a drained pool, async with screenshots by value,\n"
-                        "full async, rollout alone and training alone, same config; writes figures/throughput.*")
-    p.add_argument("--repeats", type=int, help="--compare-sync: repeats of every variant (medians; default 1)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} (default: {f.default!r})"
@@ -171,7 +167,7 @@ def parser() -> argparse.ArgumentParser:
 
 def resolve(argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:
     args = vars(parser().parse_args(argv))
-    meta = {k: args.pop(k, None) for k in ("preset", "config", "resume", "dry_run", "compare_sync", "repeats")}
+    meta = {k: args.pop(k, None) for k in ("preset", "config", "resume", "dry_run")}
     values: dict = {}
     if meta["resume"]:  # the resumed run's own config, then whatever the command line changes (e.g. --updates)
         saved = Path(meta["resume"]) / "config.json"
@@ -303,12 +299,12 @@ def load_tasks(cfg: TrainConfig) -> list:
                 from asyncwebrl.judge import ChatJudge
 
                 env.JUDGES["chat"] = ChatJudge(cfg.judge_url, cfg.judge_model, os.environ.get("OPENAI_API_KEY", ""))
-            tasks = env.load_webgym_tasks(cfg.task_file, split=cfg.split, judge=cfg.judge,
+            tasks = suites.load_webgym_tasks(cfg.task_file, split=cfg.split, judge=cfg.judge,
                                           strict=cfg.task_file_strict)
         else:
             names = None if cfg.tasks == "all" else [n.strip() for n in cfg.tasks.split(",") if n.strip()]
-            tasks = env.miniwob_tasks(split=cfg.split if names is None else None, names=names)
-    except (env.TaskFileError, ValueError, OSError) as e:
+            tasks = suites.miniwob_tasks(split=cfg.split if names is None else None, names=names)
+    except (suites.TaskFileError, ValueError, OSError) as e:
         raise UsageError(str(e))
     if not tasks:
         raise UsageError(f"no tasks selected (tasks={cfg.tasks!r}, split={cfg.split!r})")
@@ -709,11 +705,6 @@ def main(argv=None) -> int:
         if meta.dry_run:
             print("\n".join(placement(cfg, cfg.gpus if cfg.gpus >= 0 else None).describe()))
             print(json.dumps(dataclasses.asdict(cfg), indent=2))
-            return 0
-        if meta.compare_sync:
-            from asyncwebrl.throughput_bench import compare_sync
-
-            compare_sync(cfg, repeats=meta.repeats or 1)
             return 0
         train(cfg)
     except UsageError as e:

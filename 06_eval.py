@@ -20,7 +20,7 @@ import random
 import sys
 from pathlib import Path
 
-from asyncwebrl import ROOT, load
+from asyncwebrl import ROOT, load, suites
 from asyncwebrl.episodes import play, print_progress
 from asyncwebrl.oracle import SOLVABLE, oracle_action, random_action
 
@@ -150,7 +150,7 @@ def model_agent(target: str | Path, store, temperature: float = 0.0) -> ModelAge
 
 
 def select_tasks(split: str, names: str, agent: str) -> list:
-    tasks = env.miniwob_tasks(split=None if names else split,
+    tasks = suites.miniwob_tasks(split=None if names else split,
                               names=[n.strip() for n in names.split(",")] if names else None)
     if agent == "oracle":  # the ceiling is measured where a ceiling exists
         tasks = [t for t in tasks if t.id.split("/")[-1] in SOLVABLE]

@@ -5,7 +5,7 @@ series of every run, and the curve of each variant (median over its runs, min-ma
 a moving average over SMOOTH updates (said on the axis); the JSON keeps the raw numbers too.
 
 A directory given here is either a training run (config.json + metrics.jsonl from 05_train.py, plus any eval-*.json
-tables that 06_eval.py saved inside it) or a throughput benchmark folder (throughput.json from --compare-sync).
+tables that 06_eval.py saved inside it) or a throughput benchmark folder (throughput.json from `python -m experiments.compare_sync`).
 """
 from __future__ import annotations
 
@@ -259,12 +259,10 @@ def make_figures(dirs: list[Path], out: Path | None = None) -> list[Path]:
     runs = [r for r in loaded if r["kind"] == "train"]
     made = []
     for bench in (r for r in loaded if r["kind"] == "throughput"):
-        from asyncwebrl.throughput_bench import throughput_figure
-
         try:
             throughput_figure(bench["throughput"], out / "fig1_throughput.png")
         except (KeyError, TypeError, ValueError, IndexError, AttributeError):  # written by hand, or by another version
-            raise RunLogError(f"{bench['dir'] / 'throughput.json'}: not a --compare-sync result") from None
+            raise RunLogError(f"{bench['dir'] / 'throughput.json'}: not a compare_sync result") from None
         (out / "fig1_throughput.json").write_text(json.dumps(bench["throughput"], indent=1) + "\n")
         made.append(out / "fig1_throughput.png")
     if not runs:
@@ -290,3 +288,58 @@ def make_figures(dirs: list[Path], out: Path | None = None) -> list[Path]:
                               [(success, "every finished rollout")], "success rate", group=mode_label, x="time_s",
                               xlabel="wall-clock seconds since the loop started"))
     return [m for m in made if m is not None]
+
+
+def throughput_figure(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(13, 8))
+    grid = fig.add_gridspec(2, 2, height_ratios=[1, 1.2])
+    bars, util = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
+    rows = summary["ablation"]
+    names = [r["name"] for r in rows]
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red"]  # the same colour per variant in both panels
+    mid = [r["samples_per_s"] for r in rows]
+    spread = [r.get("samples_per_s_runs", [m]) for r, m in zip(rows, mid)]  # the repeats' range as whiskers
+    bars.barh(names, mid, color=palette, xerr=[[m - min(s) for m, s in zip(mid, spread)],
+                                               [max(s) - m for m, s in zip(mid, spread)]], capsize=3)
+    bars.axvline(summary["rollout_only_samples_per_s"], color="k", ls=":", label="rollout alone")
+    bars.axvline(summary["train_only_samples_per_s"], color="r", ls="--", label="training alone")
+    bars.set_xlabel("trained samples (replies) per second, steady state (after the first update)")
+    bars.set_title(f"Throughput: async {summary['speedup_async_over_sync']:.2f}x sync, overlap efficiency "
+                   f"{summary['overlap_efficiency']:.2f}\n(medians of {summary.get('repeats', 1)} repeat(s), "
+                   "ratios paired within a repeat; whiskers: min-max)",
+                   fontsize=10)
+    bars.legend(fontsize=8)
+    comps = ["env", "inference", "trainer"]
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        util.bar([c + i * width for c in range(len(comps))], [r["utilisation"].get(c, 0) for c in comps], width,
+                 label=r["name"], color=palette[i])
+    util.set_xticks([c + 0.4 - width / 2 for c in range(len(comps))], ["env workers (mean)", "inference", "trainer"])
+    util.set_ylabel("busy fraction of wall-clock")
+    util.set_ylim(0, 1)
+    util.set_title("Utilisation per component")
+    util.legend(fontsize=7)
+    colors = {"step": "tab:green", "reset": "tab:olive", "sample": "tab:blue", "train": "tab:red",
+              "refresh": "k", "drain": "tab:orange"}
+    for col, name in enumerate(("sync", "async (full)")):
+        ax = fig.add_subplot(grid[1, col])
+        spans = summary["timelines"][name]
+        lanes = sorted({s["component"] for s in spans}, key=lambda c: (not c.startswith("env"), c))
+        for s in spans:
+            if s["kind"] in colors:
+                ax.barh(lanes.index(s["component"]), s["end"] - s["start"], left=s["start"],
+                        color=colors[s["kind"]], height=0.7)
+        ax.set_yticks(range(len(lanes)), lanes, fontsize=7)
+        ax.set_xlabel("seconds")
+        ax.set_title(f"Timeline, {name}")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+    fig.legend(handles, list(colors), loc="lower center", ncol=len(colors), fontsize=8)
+    fig.suptitle(f"asyncwebrl throughput benchmark (commit {summary['commit']}; {summary['machine']})", fontsize=9)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -5,7 +5,7 @@ rule, which this follows: an episode that ends with `answer` succeeds iff
     criterion B  every claim in the final answer is visible in the screenshots (anti-hallucination), and
     criterion A  for every rubric fact, the screenshots show evidence of it ("a OR b": either one is enough),
 one yes/no question each, reward = 1 if all say yes else 0. Any endpoint that speaks /v1/chat/completions serves:
-`vllm serve Qwen/Qwen3-VL-8B-Instruct`, Gemini's OpenAI-compatible URL, OpenAI's. Register it in 01_env.JUDGES
+`vllm serve Qwen/Qwen3-VL-8B-Instruct`, Gemini's OpenAI-compatible URL, OpenAI's. Register it in JUDGES below
 (05_train.py does so for `--judge chat`). Blocking checks and per-screenshot evidence selection are not done here.
 """
 from __future__ import annotations
@@ -61,3 +61,16 @@ class ChatJudge:
         questions = [CRITERION_A.format(goal=task.goal, group="; ".join(group), fact=fact)
                      for group in task.rubric for fact in group]
         return float(all(self.ask(q, shots) for q in questions))
+
+
+def rubric_keywords_judge(task, answer: str, screenshots: list[bytes]) -> float:
+    """Deterministic stand-in for WebGym's LLM judge: every fact must appear in the answer (case-insensitive);
+    a fact written "a OR b" needs one of its alternatives. Success is all-or-nothing, as in WebGym."""
+    answer = answer.lower()
+    facts = [f for group in task.rubric for f in group]
+    return float(all(any(alt.strip().lower() in answer for alt in f.split(" OR ")) for f in facts))
+
+
+# judge(task, answer, screenshots) -> reward in [0, 1], by the name a Task's `judge` field gives (01_env.py). The
+# paper's LLM judge is ChatJudge above; 05_train.py registers it as "chat" for --judge chat.
+JUDGES = {"rubric_keywords": rubric_keywords_judge}

@@ -2,16 +2,19 @@
 
 They read the goal and the element marks (never the page's hidden state), so they are an honest ceiling for
 evaluation, a check that the grammar can solve the tasks, and a source of demonstrations for warm-starting.
-`oracle_action(task_name, obs)` returns the next Action, or None when it has no solver for that task.
+`oracle_action(task_name, obs)` returns the next Action, or None when it has no solver for that task. `demo` is
+what `python 01_env.py` runs.
 """
 from __future__ import annotations
 
 import random
 import re
+from pathlib import Path
 
 from asyncwebrl import load
+from asyncwebrl.browser import Browser, TaskServer
 
-env = load("01_env")
+env_mod = env = load("01_env")
 Action = env.Action
 
 ORDINALS = {"1st": 0, "2nd": 1, "3rd": 2, "4th": 3, "5th": 4}
@@ -101,3 +104,54 @@ def random_action(obs, rng: random.Random) -> Action:
             return Action("type", mark=el.mark, text=rng.choice(["a", "hello", "42"]))
         return Action("click", mark=el.mark)
     return Action("click", x=rng.randrange(1001), y=rng.randrange(1001))
+
+
+async def demo(task_names: list[str], episodes: int, out: Path, seed: int = 0) -> list[dict]:
+    """`python 01_env.py`: the scripted and a random agent play each task; a strip of the scripted agent's
+    screenshots is saved to out/env_demo.png."""
+    from asyncwebrl.suites import miniwob_tasks
+
+    rows, strip = [], []
+    with TaskServer() as server:
+        browser, store = Browser(), env_mod.ScreenshotStore()
+        env = env_mod.BrowserEnv(browser, store, server.base)
+        try:
+            for name in task_names:
+                task = miniwob_tasks(names=[name])[0]
+                for agent in ("oracle", "random"):
+                    rng = random.Random(seed)
+                    for ep in range(episodes):
+                        obs = await env.reset(task, seed=seed + ep, episode=f"{name}-{agent}-{ep}")
+                        actions, result = [], None
+                        while result is None or not result.done:
+                            a = (oracle_action(name, obs) if agent == "oracle" else None) or random_action(obs, rng)
+                            actions.append(str(a))
+                            result = await env.step(a)
+                            obs = result.obs
+                        if agent == "oracle" and ep == 0:
+                            strip += [store.get(k) for k in store.keys(env.episode)]
+                        store.free(env.episode)
+                        rows.append(dict(task=name, agent=agent, goal=env.goal, steps=env.t, actions=actions,
+                                         reward=result.reward, end=result.info["end"]))
+                        print(f"{name:18s} {agent:6s} reward={result.reward:.0f} steps={env.t:2d} end="
+                              f"{result.info['end']:10s} goal={env.goal!r}\n{'':26s}actions: {' ; '.join(actions)}")
+        finally:
+            await env.close()
+            await browser.close()
+    if strip:
+        save_strip(strip, out / "env_demo.png")
+    return rows
+
+
+def save_strip(shots: list[bytes], path: Path) -> None:
+    import io
+
+    from PIL import Image
+
+    images = [Image.open(io.BytesIO(b)) for b in shots]
+    canvas = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)), "white")
+    for n, img in enumerate(images):
+        canvas.paste(img, (sum(i.width for i in images[:n]), 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    print(f"saved {len(images)} screenshots of the scripted agent to {path}")

@@ -114,7 +114,7 @@ def test_a_dead_trainer_rank_is_an_error_not_a_hang():
 
 
 def test_the_gpu_check_script_runs_on_a_cpu(tmp_path):
-    from asyncwebrl import gpu_check
+    from experiments import gpu_check
 
     assert gpu_check.main(["--device", "cpu", "--out", str(tmp_path / "g.json"), "--matrix", "512"]) == 0
     result = __import__("json").loads((tmp_path / "g.json").read_text())

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from asyncwebrl import load
+from asyncwebrl import load, suites
 from asyncwebrl.oracle import oracle_action
 
 env = load("01_env")
@@ -22,7 +22,7 @@ async def play(slot, task, seed, policy):
 
 @pytest.mark.slow
 def test_every_miniwob_task_loads_gives_a_goal_and_accepts_actions(browser_env):
-    tasks = env.miniwob_tasks()
+    tasks = suites.miniwob_tasks()
 
     async def body(first, store, server):
         slots = [first] + [env.BrowserEnv(first.browser, store, server.base) for _ in range(2)]
@@ -57,7 +57,7 @@ def test_scripted_solutions_reach_reward_one(browser_env):
     async def body(slot, store, server):
         results = {}
         for name in SOLVED:
-            task = env.miniwob_tasks(names=[name])[0]
+            task = suites.miniwob_tasks(names=[name])[0]
             results[name] = [await play(slot, task, seed, lambda o: oracle_action(name, o)) for seed in (0, 1)]
             store.free(slot.episode)
         return results
@@ -72,7 +72,7 @@ def test_scripted_solutions_reach_reward_one(browser_env):
 
 def test_wrong_action_gives_no_reward(browser_env):
     async def body(slot, store, server):
-        task = env.miniwob_tasks(names=["click-button"])[0]
+        task = suites.miniwob_tasks(names=["click-button"])[0]
         obs = await slot.reset(task, seed=3)
         target = oracle_action("click-button", obs).mark
         wrong = next(e for e in obs.elements if e.tag == "button" and e.text != obs.elements[target].text)
@@ -84,7 +84,7 @@ def test_wrong_action_gives_no_reward(browser_env):
 
 def test_malformed_response_costs_a_step_and_is_reported(browser_env):
     async def body(slot, store, server):
-        task = env.miniwob_tasks(names=["enter-text"])[0]
+        task = suites.miniwob_tasks(names=["enter-text"])[0]
         await slot.reset(task, seed=0)
         bad = await slot.step("Memory: I should type.\nAction: typ(#0)")
         unknown_mark = await slot.step("click(#17)")
@@ -102,7 +102,7 @@ def test_episode_ends_at_the_horizon(browser_env):
     import dataclasses
 
     async def body(slot, store, server):
-        task = dataclasses.replace(env.miniwob_tasks(names=["click-checkboxes"])[0], max_steps=3)
+        task = dataclasses.replace(suites.miniwob_tasks(names=["click-checkboxes"])[0], max_steps=3)
         await slot.reset(task, seed=0)
         return [await slot.step("scroll(down)") for _ in range(3)]
 
@@ -113,7 +113,7 @@ def test_episode_ends_at_the_horizon(browser_env):
 
 def test_crashed_page_ends_the_episode_and_the_next_reset_recovers(browser_env):
     async def body(slot, store, server):
-        task = env.miniwob_tasks(names=["click-test"])[0]
+        task = suites.miniwob_tasks(names=["click-test"])[0]
         await slot.reset(task, seed=0)
         try:
             await slot._page.goto("chrome://crash")  # fault injection: kill the renderer
@@ -131,7 +131,7 @@ def test_crashed_page_ends_the_episode_and_the_next_reset_recovers(browser_env):
 
 def test_hung_page_times_out_and_the_next_reset_recovers(browser_env):
     async def body(slot, store, server):
-        task = env.miniwob_tasks(names=["click-test"])[0]
+        task = suites.miniwob_tasks(names=["click-test"])[0]
         await slot.reset(task, seed=0)
         await slot._page.evaluate("setTimeout(() => { while (true) {} }, 0)")  # fault injection: a busy loop
         hung = await slot.step("click(#0)")
@@ -191,7 +191,7 @@ def test_webgym_task_is_judged_on_the_answer(browser_env, tmp_path):
 
 def test_dead_browser_is_relaunched(browser_env):
     async def body(slot, store, server):
-        task = env.miniwob_tasks(names=["click-test"])[0]
+        task = suites.miniwob_tasks(names=["click-test"])[0]
         await slot.reset(task, seed=0)
         await slot.browser._browser.close()  # fault injection: chromium goes away
         died = await slot.step("click(#0)")
@@ -205,7 +205,7 @@ def test_dead_browser_is_relaunched(browser_env):
 
 def test_screenshots_are_references_and_are_freed(browser_env):
     async def body(slot, store, server):
-        task = env.miniwob_tasks(names=["login-user"])[0]
+        task = suites.miniwob_tasks(names=["login-user"])[0]
         obs = await slot.reset(task, seed=0)
         keys = [obs.screenshot]
         while True:
@@ -230,7 +230,7 @@ def test_no_reward_from_another_tasks_page(browser_env):
     on the previous task's page, whose own script would then pay the reward), and an episode that reaches another
     task's page by any other way ends as blocked_navigation with reward 0."""
     async def body(slot, store, server):
-        click_test, enter_time, click_button = (env.miniwob_tasks(names=[n])[0] for n in
+        click_test, enter_time, click_button = (suites.miniwob_tasks(names=[n])[0] for n in
                                                 ("click-test", "enter-time", "click-button"))
         out = {}
         for tries in range(2):

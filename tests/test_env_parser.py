@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asyncwebrl import load
+from asyncwebrl import load, suites
 
 env = load("01_env")
 Action, parse_action, ActionParseError = env.Action, env.parse_action, env.ActionParseError
@@ -76,21 +76,21 @@ def test_any_action_round_trips_through_its_text(action):
 
 
 def test_miniwob_suite_slices_and_out_of_distribution_split():
-    tasks = env.miniwob_tasks()
+    tasks = suites.miniwob_tasks()
     assert len(tasks) == 130
     assert {t.difficulty for t in tasks} == {"easy", "medium", "hard"}
     train = {t.family for t in tasks if t.split == "train"}
     test = {t.family for t in tasks if t.split == "test"}
     assert train and test and not train & test  # test task types are never seen in training
     assert {t.difficulty for t in tasks if t.split == "test"} == {"easy", "medium", "hard"}
-    assert env.task_family("click-tab-2-hard") == "click-tab"
+    assert suites.task_family("click-tab-2-hard") == "click-tab"
     by_name = {t.id: t for t in tasks}
     assert by_name["miniwob/click-button"].difficulty == "easy"
     assert by_name["miniwob/login-user"].difficulty == "medium"
     assert by_name["miniwob/book-flight"].difficulty == "hard"
     assert by_name["miniwob/click-button"].max_steps == 10  # k of the Easy slice
     with pytest.raises(ValueError, match="no-such-task"):
-        env.miniwob_tasks(names=["no-such-task"])
+        suites.miniwob_tasks(names=["no-such-task"])
 
 
 WEBGYM_ROWS = [
@@ -108,7 +108,7 @@ WEBGYM_ROWS = [
 def test_webgym_loader_reads_the_format(tmp_path):
     path = tmp_path / "test.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in WEBGYM_ROWS) + "\n\n")
-    tasks = env.load_webgym_tasks(path)
+    tasks = suites.load_webgym_tasks(path)
     assert [t.id for t in tasks] == ["webgym/a1", "webgym/a2", "webgym/a3"]
     assert [t.difficulty for t in tasks] == ["easy", "hard", "medium"]  # 2 facts, 7 facts, default 5
     assert [t.split for t in tasks] == ["test"] * 3  # from the file name
@@ -118,7 +118,7 @@ def test_webgym_loader_reads_the_format(tmp_path):
     assert tasks[2].rubric == (("the answer names the author",),)
     listed = tmp_path / "train.json"
     listed.write_text(json.dumps(WEBGYM_ROWS[:1]))
-    assert env.load_webgym_tasks(listed)[0].split == "train"
+    assert suites.load_webgym_tasks(listed)[0].split == "train"
 
 
 def test_rubric_keywords_judge():
@@ -147,10 +147,10 @@ def test_rubric_keywords_judge():
 def test_bad_task_file_names_the_file_and_the_field(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
-    with pytest.raises(env.TaskFileError, match=message):  # strict: the first bad row is the error
-        env.load_webgym_tasks(path, strict=True)
-    with pytest.raises(env.TaskFileError, match=r"bad\.jsonl"):  # lenient: no row loads, so still an error
-        env.load_webgym_tasks(path, warn=lambda m: None)
+    with pytest.raises(suites.TaskFileError, match=message):  # strict: the first bad row is the error
+        suites.load_webgym_tasks(path, strict=True)
+    with pytest.raises(suites.TaskFileError, match=r"bad\.jsonl"):  # lenient: no row loads, so still an error
+        suites.load_webgym_tasks(path, warn=lambda m: None)
 
 
 def test_released_shapes_load_as_the_released_loader_reads_them(tmp_path):
@@ -163,7 +163,7 @@ def test_released_shapes_load_as_the_released_loader_reads_them(tmp_path):
                 (["fact a", "fact b"], 2), ("[not json, free text]", 1), (rubric[0], 3)])]
     path = tmp_path / "tasks.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    tasks = env.load_webgym_tasks(path, strict=True)
+    tasks = suites.load_webgym_tasks(path, strict=True)
     assert [t.difficulty for t in tasks] == ["easy", "hard", "medium", "medium", "medium", "medium", "easy", "easy",
                                              "easy", "easy"]
     assert tasks[0].rubric == tasks[1].rubric == tasks[9].rubric == (("9am", "5pm"),)
@@ -179,13 +179,13 @@ def test_bad_rows_are_reported_with_their_line_skipped_and_counted(tmp_path):
     path = tmp_path / "tasks.jsonl"
     path.write_text("\n".join(lines))
     said = []
-    tasks = env.load_webgym_tasks(path, warn=said.append)
+    tasks = suites.load_webgym_tasks(path, warn=said.append)
     assert [t.id for t in tasks] == ["webgym/1", "webgym/3", "webgym/6"]  # the line number stands in for task_id
     assert [m.split(": ", 1)[0] for m in said[:3]] == [f"{path}:2", f"{path}:4", f"{path}:7"]
     assert "evaluator_reference" in said[1] and "difficulty" in said[2]
     assert said[3] == f"{path}: 3 tasks loaded, 3 bad rows skipped" and len(said) == 4
-    with pytest.raises(env.TaskFileError, match=r"tasks\.jsonl:2: "):
-        env.load_webgym_tasks(path, strict=True)
+    with pytest.raises(suites.TaskFileError, match=r"tasks\.jsonl:2: "):
+        suites.load_webgym_tasks(path, strict=True)
 
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
@@ -203,8 +203,8 @@ def test_any_task_file_loads_or_says_why_in_one_typed_error(tmp_path_factory, ro
     path.write_text(json.dumps(rows) if as_list else "\n".join(json.dumps(r) for r in rows))
     said = []
     try:
-        tasks = env.load_webgym_tasks(path, warn=said.append)
-    except env.TaskFileError as e:
+        tasks = suites.load_webgym_tasks(path, warn=said.append)
+    except suites.TaskFileError as e:
         assert str(e).startswith(str(path))
         return
     reported = [m for m in said if m.endswith("(row skipped)")]
@@ -220,14 +220,14 @@ def test_any_bytes_as_a_task_file_load_or_give_one_typed_error(tmp_path_factory,
     path = tmp_path_factory.mktemp("tf") / "tasks.jsonl"
     path.write_bytes(data)
     try:
-        env.load_webgym_tasks(path, warn=lambda m: None)
-    except env.TaskFileError:
+        suites.load_webgym_tasks(path, warn=lambda m: None)
+    except suites.TaskFileError:
         pass
 
 
 def test_missing_task_file_is_a_clear_error(tmp_path):
-    with pytest.raises(env.TaskFileError, match="nothere.jsonl"):
-        env.load_webgym_tasks(tmp_path / "nothere.jsonl")
+    with pytest.raises(suites.TaskFileError, match="nothere.jsonl"):
+        suites.load_webgym_tasks(tmp_path / "nothere.jsonl")
 
 
 def test_screenshot_store_deduplicates_and_frees():

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from asyncwebrl import load
+from asyncwebrl import load, suites
 
 train_mod = load("05_train")
 eval_mod = load("06_eval")
@@ -74,7 +74,7 @@ def test_demonstrations_are_verbose_on_purpose_and_cloning_fits_them(tiny_dir):
     policy = load("02_policy").Policy(load("02_policy").PolicyConfig(model=str(tiny_dir)))
     store = env.ScreenshotStore()
     cfg = WarmstartConfig(episodes=12, steps=4, batch=8, verbose=0.5, workers=4)
-    demos, stats = collect(policy, env.miniwob_tasks(names=[TASK]), cfg, store)
+    demos, stats = collect(policy, suites.miniwob_tasks(names=[TASK]), cfg, store)
     texts = [policy.tokenizer.decode(ids, skip_special_tokens=True) for _, ids in demos]
     # the solvers are not perfect (overlapping buttons on some seeds); failed episodes are dropped, not cloned
     assert stats["demo_success"] >= 0.6 and stats["demo_steps"] == len(demos) >= 2 * round(12 * stats["demo_success"])

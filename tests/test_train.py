@@ -287,7 +287,7 @@ def test_killed_run_resumes_without_duplicates_or_more_loss_than_the_checkpoint_
 @pytest.mark.browser
 @pytest.mark.slow
 def test_compare_sync_writes_the_benchmark_json_and_figure(tmp_path):
-    from asyncwebrl import throughput_bench as bench
+    from experiments import compare_sync as bench
 
     cfg, _ = train.resolve(["--updates", "2", *SMALL, "--max-steps", "2", "--workers", "2"])
     summary = bench.compare_sync(cfg, out=tmp_path)

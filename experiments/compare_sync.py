@@ -1,4 +1,4 @@
-"""Throughput benchmark (`python 05_train.py --compare-sync`): sync against async, with the paper's two system
+"""Throughput benchmark: sync against async, with the paper's two system
 adaptations ablated, rollout alone and training alone, measured one after the other on this machine.
 
 Every variant starts from the same weights, the same tasks and the same seed, and runs the same number of updates
@@ -7,11 +7,15 @@ depends on the policy's luck, and trained samples/s swung 2x between repeats of 
 finished group is trained, so the benchmark times the pipeline, not the rejection lottery. Each repeat runs every
 variant once; ratios (vs sync, overlap efficiency) are taken within a repeat and their median is reported.
 Writes figures/throughput.json and figures/throughput.png.
+
+    python -m experiments.compare_sync [--repeats N] [any 05_train.py flag, e.g. --updates 6]
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import sys
 import statistics
 import time
 from pathlib import Path
@@ -19,6 +23,7 @@ from pathlib import Path
 import torch
 
 from asyncwebrl import ROOT, load, weights
+from asyncwebrl.figures import throughput_figure
 
 env = load("01_env")
 loop_mod = load("04_async_loop")
@@ -149,56 +154,23 @@ def compare_sync(cfg: TrainConfig, out: Path = ROOT / "figures", repeats: int = 
     return summary
 
 
-def throughput_figure(summary: dict, path: Path) -> None:
-    import matplotlib
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Throughput benchmark: sync, async with a drained pool, async with "
+                                "screenshots by value, full async, rollout alone and training alone, same config; "
+                                "writes figures/throughput.*. Every other flag is 05_train.py's (see its --help).")
+    p.add_argument("--repeats", type=int, default=1, help="repeats of every variant (medians; default 1)")
+    args, rest = p.parse_known_args(argv)
+    try:
+        cfg, _ = train.resolve(rest)
+        train.check(cfg)
+    except train.UsageError as e:
+        print(f"compare_sync: error: {e}", file=sys.stderr)
+        return 2
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
+    compare_sync(cfg, repeats=args.repeats)
+    return 0
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig = plt.figure(figsize=(13, 8))
-    grid = fig.add_gridspec(2, 2, height_ratios=[1, 1.2])
-    bars, util = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
-    rows = summary["ablation"]
-    names = [r["name"] for r in rows]
-    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red"]  # the same colour per variant in both panels
-    mid = [r["samples_per_s"] for r in rows]
-    spread = [r.get("samples_per_s_runs", [m]) for r, m in zip(rows, mid)]  # the repeats' range as whiskers
-    bars.barh(names, mid, color=palette, xerr=[[m - min(s) for m, s in zip(mid, spread)],
-                                               [max(s) - m for m, s in zip(mid, spread)]], capsize=3)
-    bars.axvline(summary["rollout_only_samples_per_s"], color="k", ls=":", label="rollout alone")
-    bars.axvline(summary["train_only_samples_per_s"], color="r", ls="--", label="training alone")
-    bars.set_xlabel("trained samples (replies) per second, steady state (after the first update)")
-    bars.set_title(f"Throughput: async {summary['speedup_async_over_sync']:.2f}x sync, overlap efficiency "
-                   f"{summary['overlap_efficiency']:.2f}\n(medians of {summary.get('repeats', 1)} repeat(s), "
-                   "ratios paired within a repeat; whiskers: min-max)",
-                   fontsize=10)
-    bars.legend(fontsize=8)
-    comps = ["env", "inference", "trainer"]
-    width = 0.8 / len(rows)
-    for i, r in enumerate(rows):
-        util.bar([c + i * width for c in range(len(comps))], [r["utilisation"].get(c, 0) for c in comps], width,
-                 label=r["name"], color=palette[i])
-    util.set_xticks([c + 0.4 - width / 2 for c in range(len(comps))], ["env workers (mean)", "inference", "trainer"])
-    util.set_ylabel("busy fraction of wall-clock")
-    util.set_ylim(0, 1)
-    util.set_title("Utilisation per component")
-    util.legend(fontsize=7)
-    colors = {"step": "tab:green", "reset": "tab:olive", "sample": "tab:blue", "train": "tab:red",
-              "refresh": "k", "drain": "tab:orange"}
-    for col, name in enumerate(("sync", "async (full)")):
-        ax = fig.add_subplot(grid[1, col])
-        spans = summary["timelines"][name]
-        lanes = sorted({s["component"] for s in spans}, key=lambda c: (not c.startswith("env"), c))
-        for s in spans:
-            if s["kind"] in colors:
-                ax.barh(lanes.index(s["component"]), s["end"] - s["start"], left=s["start"],
-                        color=colors[s["kind"]], height=0.7)
-        ax.set_yticks(range(len(lanes)), lanes, fontsize=7)
-        ax.set_xlabel("seconds")
-        ax.set_title(f"Timeline, {name}")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
-    fig.legend(handles, list(colors), loc="lower center", ncol=len(colors), fontsize=8)
-    fig.suptitle(f"asyncwebrl throughput benchmark (commit {summary['commit']}; {summary['machine']})", fontsize=9)
-    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+if __name__ == "__main__":
+    sys.exit(main())

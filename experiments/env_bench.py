@@ -1,4 +1,4 @@
-"""Environment benchmark (`python 01_env.py --bench`): measured side by side in one run, medians and ratios.
+"""Environment benchmark (`python -m experiments.env_bench`): measured side by side in one run, medians and ratios.
 
 1. Step latency: BrowserEnv.step (click + status/elements read + JPEG screenshot + store) against a bare
    Playwright click + the same JPEG screenshot on the same page, interleaved (random order, random pauses) so
@@ -16,7 +16,8 @@ import statistics
 import time
 from pathlib import Path
 
-from asyncwebrl import load
+from asyncwebrl import load, suites
+from asyncwebrl.browser import MINIWOB_AREA, MINIWOB_VIEWPORT
 from asyncwebrl.oracle import oracle_action
 
 env = load("01_env")
@@ -25,11 +26,11 @@ FRAME_S = 1 / 60  # chromium's compositor frame interval
 
 async def _step_latency(browser, store, base, n: int) -> dict:
     # click-checkboxes: clicking a checkbox toggles it and never ends the episode, so one page serves every step
-    task = dataclasses.replace(env.miniwob_tasks(names=["click-checkboxes"])[0], max_steps=10**6)
+    task = dataclasses.replace(suites.miniwob_tasks(names=["click-checkboxes"])[0], max_steps=10**6)
     slot = env.BrowserEnv(browser, store, base)
     obs = await slot.reset(task, seed=0, episode="bench")
     page, box = slot._page, obs.elements[0].box
-    clip = dict(zip(("x", "y", "width", "height"), env.MINIWOB_AREA))
+    clip = dict(zip(("x", "y", "width", "height"), MINIWOB_AREA))
     env_ms, bare_ms, png, jpeg = [], [], [], []
     rng = random.Random(0)
 
@@ -55,7 +56,7 @@ async def _step_latency(browser, store, base, n: int) -> dict:
         if i % 10 == 0:  # what the paper's agent ships: a PNG of the whole 1280x768 viewport
             await page.set_viewport_size({"width": 1280, "height": 768})
             png.append(len(await page.screenshot(type="png")))
-            await page.set_viewport_size(dict(zip(("width", "height"), env.MINIWOB_VIEWPORT)))
+            await page.set_viewport_size(dict(zip(("width", "height"), MINIWOB_VIEWPORT)))
     await slot.close()
     store.free("bench")
     env_med, bare_med = statistics.median(env_ms), statistics.median(bare_ms)
@@ -69,7 +70,7 @@ async def _step_latency(browser, store, base, n: int) -> dict:
 
 async def _throughput(browser, store, base, slots: int, seconds: float) -> dict:
     names = ["click-button", "click-link", "enter-text", "click-checkboxes", "focus-text", "click-tab"]
-    tasks = env.miniwob_tasks(names=names)
+    tasks = suites.miniwob_tasks(names=names)
     envs = [env.BrowserEnv(browser, store, base) for _ in range(slots)]
     done, successes = [0] * slots, [0] * slots
     deadline = time.perf_counter() + seconds
@@ -122,3 +123,17 @@ async def run_benchmark(out: Path, steps: int = 200, seconds: float = 8.0) -> di
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     return result
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Environment benchmark: step latency vs bare Playwright, screenshot "
+                                            "bytes vs PNG, episodes/s with 1, 4 and 8 concurrent pages.")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "figures" / "env_bench.json",
+                   help="where the JSON result goes (default: figures/env_bench.json)")
+    asyncio.run(run_benchmark(p.parse_args(argv).out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,7 @@
 """Issue 8's experiment: does the tiny policy learn, and what do 1/k vs 1/|tau_i| and async vs sync do?
 
-    python -m asyncwebrl.learning_experiment [--out runs/learn] [--seeds 0 1 2] [--updates N]
-    python -m asyncwebrl.learning_experiment --from runs/learn --out runs/learn40 --updates 40 --variants const-async
+    python -m experiments.learning [--out runs/learn] [--seeds 0 1 2] [--updates N]
+    python -m experiments.learning --from runs/learn --out runs/learn40 --updates 40 --variants const-async
 
 One warm start (behaviour cloning, `05_train.py --preset tiny-learn --updates 0`), then from that same model:
     const-async-s<seed>   1/k, async          (the paper's recipe)

@@ -1,4 +1,4 @@
-"""Policy benchmark (`python 02_policy.py --bench`): the tiny model's costs on this CPU, medians of repeats.
+"""Policy benchmark (`python -m experiments.policy_bench`): the tiny model's costs on this CPU, medians of repeats.
 
 One batch of 8 real MiniWoB++ steps (prompt + screenshot): Policy.logprobs forward (no grad), forward + backward
 (what a train step costs per 8 steps), and HFSampler.sample (a whole reply of up to max_new_tokens, constrained),
@@ -66,3 +66,17 @@ def run_benchmark(out: Path, repeats: int = 5, task: str = "click-checkboxes") -
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Policy benchmark: the tiny model's forward, forward+backward and "
+                                            "sampling on a batch of 8 real MiniWoB++ steps (medians of repeats).")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "figures" / "policy_bench.json",
+                   help="where the JSON result goes (default: figures/policy_bench.json)")
+    run_benchmark(p.parse_args(argv).out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
 """The GPU path's checks in one script (a few minutes on one GPU; no browser, no network):
 
-    python -m asyncwebrl.gpu_check [--out figures/gpu_check.json]
+    python -m experiments.gpu_check [--out figures/gpu_check.json]
 
 1. Trainer numerics: one AdamW step at the paper's lr 5e-6 on a 4096 x 4096 matrix of std 0.02, with fp32 master
    weights and with bf16 weights: the share of weights that moved (issue: bf16 rounds most of the step away).
