@@ -32,8 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urldefrag, urljoin
 
-from asyncwebrl.browser import (CAN_GO_BACK_JS, OBSERVE_JS, START_JS, Browser, EnvConfig, PageSlot,  # noqa: F401
-                                TaskServer)
+from asyncwebrl.browser import CAN_GO_BACK_JS, OBSERVE_JS, START_JS, Browser, EnvConfig, PageSlot, TaskServer
 from asyncwebrl.judge import JUDGES
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -414,6 +413,25 @@ class BrowserEnv(PageSlot):
             await self._drop_page()  # never reuse a page that hung, crashed or left the allowed sites
         obs = self.last_obs or Observation(self.goal, "", None)  # after a crash: the last good observation
         return StepResult(dataclasses.replace(obs, step=self.t), reward or 0.0, True, info)
+
+
+class BrowserEnvs:
+    """N episode slots that share one task server and one chromium (04's pool asks for them; tests pass fakes with
+    the same three methods)."""
+
+    def __init__(self, store, config=None):
+        self.store, self.config = store, config
+
+    async def start(self):
+        self.server = TaskServer()
+        self.browser = Browser(self.config)
+
+    def slot(self, i: int):
+        return BrowserEnv(self.browser, self.store, self.server.base, self.config)
+
+    async def close(self):
+        await self.browser.close()
+        self.server.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -33,14 +33,17 @@ The synchronous baseline is the same code with `mode="sync"`: no episode starts 
 trainer's current weights, and exactly B accepted groups are rolled out per version (rollout all -> train ->
 refresh), so the pool idles while the trainer works and the trainer idles while the slowest episode finishes.
 
-Every component records timed spans (env steps per worker, inference, train, refresh, idle) in a Timeline, from
-which utilisation and the Gantt figure are computed.
+Run `python 04_async_loop.py` for a short async run and a short sync run with the real browser and the tiny model.
+In the package: the learner the trainer thread calls (asyncwebrl/learner.py: pi_prox, minibatches, 03's loss), the
+batched inference of the transformers sampler (batching.py), the per-update metrics (metrics.py) and the Timeline
+of timed spans behind utilisation and the Gantt figure (timeline.py). Changed from the released code: threads in
+one process instead of separate services (the CPU pipeline; 05_train.py places the engine and the trainer on their
+own GPUs), and no stale-group drop unless asked (above).
 """
 from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import itertools
 import json
 import random
@@ -48,17 +51,17 @@ import shutil
 import threading
 import time
 import traceback
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from asyncwebrl import load, suites, weights
+from asyncwebrl.batching import Batcher
+from asyncwebrl.learner import Learner, LearnerConfig, StepImages, by_value  # noqa: F401 (tests, 05 use them)
+from asyncwebrl.metrics import batch_metrics, rollout_metrics
+from asyncwebrl.timeline import Timeline
 
 env = load("01_env")
 policy_mod = load("02_policy")
-loss_mod = load("03_grpo_loss")
 
 
 @dataclass
@@ -120,75 +123,6 @@ class Group:
 
     def staleness(self, version: int) -> int:
         return version - min(v for t in self.trajectories for v in t.versions)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Timeline: timed spans of every component, for utilisation and the Gantt figure.
-
-
-class Timeline:
-    def __init__(self):
-        self.t0 = time.perf_counter()
-        self.spans: list[tuple] = []  # (component, kind, start_s, end_s, info)
-        self._flushed = 0  # spans already appended to the run's timeline file
-        self._lock = threading.Lock()
-
-    @contextmanager
-    def span(self, component: str, kind: str, **info):
-        start = time.perf_counter() - self.t0
-        try:
-            yield
-        finally:
-            with self._lock:
-                self.spans.append((component, kind, start, time.perf_counter() - self.t0, info))
-
-    def utilisation(self, wall: float | None = None) -> dict[str, float]:
-        """Busy fraction per component (idle spans excluded); env workers are averaged into "env"."""
-        wall = wall or max((s[3] for s in self.spans), default=1.0)
-        busy = collections.defaultdict(float)
-        workers = {s[0] for s in self.spans if s[0].startswith("env/")}
-        for comp, kind, a, b, _ in self.spans:
-            if kind != "idle":
-                busy["env" if comp.startswith("env/") else comp] += b - a
-        if workers:
-            busy["env"] /= len(workers)
-        return {k: round(v / wall, 4) for k, v in busy.items()}
-
-    def dump(self, path: Path) -> None:
-        path.unlink(missing_ok=True)
-        self._flushed = 0
-        self.flush(path)
-
-    def flush(self, path: Path, offset: float = 0.0) -> None:
-        """Append the spans recorded since the last flush, their times shifted by `offset` (a resumed run's clock
-        counts on from the killed run's), so that a killed run keeps what it had written."""
-        with self._lock:
-            new, self._flushed = self.spans[self._flushed:], len(self.spans)
-        with open(path, "a") as f:
-            for comp, kind, a, b, info in new:
-                f.write(json.dumps(dict(component=comp, kind=kind, start=round(a + offset, 4),
-                                        end=round(b + offset, 4), **info)) + "\n")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Environments: one TaskServer and one chromium shared by N BrowserEnv slots (01). Tests pass fakes with the same
-# three methods.
-
-
-class BrowserEnvs:
-    def __init__(self, store, config=None):
-        self.store, self.config = store, config
-
-    async def start(self):
-        self.server = env.TaskServer()
-        self.browser = env.Browser(self.config)
-
-    def slot(self, i: int):
-        return env.BrowserEnv(self.browser, self.store, self.server.base, self.config)
-
-    async def close(self):
-        await self.browser.close()
-        self.server.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -259,7 +193,7 @@ class RolloutPool:
         self.group_ids, self.traj_ids = itertools.count(), itertools.count()
         self.in_flight = 0  # episodes running now
         self.accepted = 0  # trajectories in groups accepted into the buffer, ever
-        self.requests: list = []  # (turn, future) waiting for inference
+        self.batcher: Batcher | None = None  # made in run(), in the pool's event loop
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stopping = False
         self.trajectory_log: list[Trajectory] = []  # every finished trajectory, in order (tests, inspection)
@@ -400,55 +334,24 @@ class RolloutPool:
             free_group(self.store, group)
             self.slots = collections.deque(s for s in self.slots if s[0].id != group.id)
 
-    # -- batched inference --------------------------------------------------------------------------------------
+    # -- inference: one request per episode step ------------------------------------------------------------------
     async def _infer(self, turn):
         if hasattr(self.sampler, "asample"):  # an engine that batches continuously itself (vLLM): one request each
             sample = await self.sampler.asample(turn, self.store)
             self.stats.inference_replies += 1
             return sample
-        future = self.loop.create_future()
-        self.requests.append((turn, future))
-        self._work.set()
-        return await future
-
-    async def _inference_server(self, executor):
-        while not self.stopping:
-            await self._work.wait()
-            self._work.clear()
-            while self.requests:  # everything that waits now goes into one call; newcomers join the next one
-                batch = self.requests[:self.cfg.max_inference_batch]
-                del self.requests[:len(batch)]
-                await self._serve(batch, executor)
-
-    async def _serve(self, batch: list, executor) -> None:
-        try:
-            with self.timeline.span("inference", "sample", n=len(batch)):
-                # in a thread: the loop keeps stepping the other browsers while the model generates
-                samples = await self.loop.run_in_executor(executor, self.sampler.sample, [t for t, _ in batch],
-                                                          self.store)
-        except Exception as e:
-            if len(batch) > 1:  # isolate the bad request: one broken turn must not fail N episodes
-                for request in batch:
-                    await self._serve([request], executor)
-            elif not batch[0][1].done():
-                batch[0][1].set_exception(e)
-            return
-        self.stats.inference_calls += 1
-        self.stats.inference_replies += len(batch)
-        for (_, future), sample in zip(batch, samples):
-            if not future.done():
-                future.set_result(sample)
+        return await self.batcher.infer(turn)  # transformers: every waiting step joins the next batched call
 
     # -- lifetime -----------------------------------------------------------------------------------------------
     async def run(self, stop: threading.Event):
         self.loop = asyncio.get_running_loop()
-        self._changed, self._work = asyncio.Event(), asyncio.Event()
-        executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="inference")
+        self._changed = asyncio.Event()
+        self.batcher = Batcher(self.sampler, self.store, self.cfg.max_inference_batch, self.timeline, self.stats)
         await self.envs.start()
         if hasattr(self.sampler, "start"):  # an engine that lives in this event loop (vLLM's AsyncLLM)
             await self.sampler.start()
         tasks = [asyncio.create_task(self._worker(i)) for i in range(self.cfg.workers)]
-        server = asyncio.create_task(self._inference_server(executor))
+        server = asyncio.create_task(self.batcher.serve())
         try:
             while not stop.is_set():
                 for k, t in enumerate(tasks):  # a worker that died anyway is replaced: the pool keeps its size
@@ -461,7 +364,7 @@ class RolloutPool:
             for t in tasks + [server]:
                 t.cancel()
             await asyncio.gather(*tasks, server, return_exceptions=True)
-            executor.shutdown(wait=True, cancel_futures=True)
+            self.batcher.close()
             await self.envs.close()
             if hasattr(self.sampler, "close"):
                 self.sampler.close()
@@ -474,177 +377,13 @@ async def _quiet_close(slot_env) -> None:
         pass
 
 
-def by_value(group: Group, store) -> Group:
-    """The ablation of lightweight screenshot handling: every step carries its screenshots' bytes, and the group
-    crosses to the trainer serialised and deserialised, as through an object store between processes."""
-    import pickle
-
-    for t in group.trajectories:
-        for s in t.steps:
-            s.image_bytes = {k: store.get(k) for k in s.turn.images}
-    return pickle.loads(pickle.dumps(group))
-
-
-class _StepImages:
-    """Screenshot lookup for the learner: bytes carried by the steps (by-value ablation), else the store."""
-
-    def __init__(self, steps: list, store):
-        self.carried = {k: v for s in steps if s.image_bytes for k, v in s.image_bytes.items()}
-        self.store = store
-
-    def get(self, key: str) -> bytes:
-        return self.carried[key] if key in self.carried else self.store.get(key)
-
-
 def free_group(store, group: Group) -> None:
     for t in group.trajectories:
         store.free(t.episode)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The training side: decoupled PPO + multi-step GRPO on B groups.
-
-
-@dataclass
-class LearnerConfig:
-    lr: float = 1e-4  # tiny model from scratch; the paper's 8B uses 5e-6
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    epochs: int = 1  # passes over the batch (released code: 3)
-    minibatches: int = 1  # optimizer steps per pass (released code: 2); pi_prox is computed once, before them all
-    micro_batch: int = 16  # steps per forward/backward (gradient accumulation): bounds activation memory
-
-
-class Learner:
-    """Turns B groups into one (or a few) optimizer steps of the 03 loss on the 02 Policy."""
-
-    def __init__(self, policy, store, loss_cfg=None, cfg: LearnerConfig | None = None, rank: int = 0,
-                 world: int = 1):
-        self.policy, self.store, self.rank, self.world = policy, store, rank, world  # world > 1: see 05_train.py
-        self.loss_cfg, self.cfg = loss_cfg or loss_mod.LossConfig(), cfg or LearnerConfig()
-        params = [p for p in policy.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-
-    def _logprobs(self, steps: list[Step]):
-        return self.policy.logprobs([s.turn for s in steps], [s.sample.token_ids for s in steps],
-                                    _StepImages(steps, self.store))
-
-    def _my_chunks(self, idx: list[int]) -> list[list[int]]:
-        """This rank's micro-batches of rows `idx` (data parallel: rank r owns the rows r, r + world, ..., for pi_prox
-        and for the loss alike). Every rank gets the same number of chunks: a sharded model gathers its weights in
-        each forward, so all ranks must run the same count; a rank short of rows runs an empty chunk (a forward
-        with zero weight)."""
-        micro = self.cfg.micro_batch
-        owned = [[r for r in idx if r % self.world == rank] for rank in range(self.world)]
-        n = max(-(-len(rows) // micro) for rows in owned)
-        mine = owned[self.rank]
-        return [mine[a * micro:(a + 1) * micro] for a in range(n)]
-
-    def update(self, groups: list[Group]) -> dict:
-        if self.policy.device.type == "cuda":  # the current device is per thread: the trainer's starts on cuda:0
-            torch.cuda.set_device(self.policy.device)
-        trajs = [t for g in groups for t in g.trajectories]
-        rows = [(i, s) for i, t in enumerate(trajs) for s in t.steps]
-        width = max(len(s.sample.token_ids) for _, s in rows)
-        traj_args = dict(traj_reward=torch.tensor([t.reward for t in trajs]),
-                         traj_group=torch.tensor([t.group for t in trajs]),
-                         traj_steps=torch.tensor([len(t.steps) for t in trajs]))
-        behave = torch.zeros(len(rows), width)
-        for r, (_, s) in enumerate(rows):
-            behave[r, :len(s.sample.logprobs)] = torch.tensor(s.sample.logprobs)
-        with torch.no_grad():  # pi_prox: the weights at the start of this train step, one forward
-            prox = torch.zeros(len(rows), width)
-            for c in self._my_chunks(list(range(len(rows)))):
-                lp, _ = self._logprobs([rows[r][1] for r in (c or [0])])
-                if c:
-                    prox[c, :lp.shape[1]] = lp.float().cpu()
-        metrics = collections.defaultdict(float)
-        per_mb, n_steps = -(-len(rows) // self.cfg.minibatches), self.cfg.epochs * self.cfg.minibatches
-        shuffle = torch.Generator().manual_seed(trajs[0].id * 7919 + len(rows))  # the same order on every rank
-        minibatches = [order[mb * per_mb:(mb + 1) * per_mb] for _ in range(self.cfg.epochs)
-                       for order in [torch.randperm(len(rows), generator=shuffle).tolist()]
-                       for mb in range(self.cfg.minibatches)]
-        for idx in minibatches:
-            n_tokens = sum(len(rows[r][1].sample.token_ids) for r in idx)  # |T| of the whole minibatch
-            n_success = sum(len(rows[r][1].sample.token_ids) for r in idx if trajs[rows[r][0]].reward > 0)
-            for c in self._my_chunks(idx):
-                logp, mask = self._logprobs([rows[r][1] for r in (c or idx[:1])])
-                T = logp.shape[1]
-                loss, m = loss_mod.grpo_loss(logp.float(), prox[c or idx[:1], :T].to(logp.device),
-                                             behave[c or idx[:1], :T].to(logp.device), mask,
-                                             torch.tensor([rows[r][0] for r in (c or idx[:1])], device=logp.device),
-                                             cfg=self.loss_cfg, n_tokens=n_tokens,
-                                             **{k: v.to(logp.device) for k, v in traj_args.items()})
-                # a sharded model averages gradients over ranks; the loss is a sum over the minibatch's tokens
-                (loss * (self.world if c else 0.0)).backward()
-                if not c:
-                    continue
-                metrics["loss"] += float(loss.detach()) / n_steps
-                share = float(mask.sum()) / n_tokens / n_steps  # token-weighted means over chunks and steps
-                # the token weights are means over the success (failure) tokens: weighted by those tokens' share
-                shares = dict(token_weight_success=m["tokens_success"] / max(n_success, 1) / n_steps,
-                              token_weight_failure=(float(mask.sum()) - m["tokens_success"])
-                              / max(n_tokens - n_success, 1) / n_steps)
-                for k, v in m.items():
-                    if k == "iw_max":
-                        metrics[k] = max(metrics[k], v)
-                    elif k in ("tokens", "tokens_success", "degenerate_groups"):  # counts: of one pass
-                        metrics[k] = v if k == "degenerate_groups" else metrics[k] + v / self.cfg.epochs
-                    else:
-                        metrics[k] += v * shares.get(k, share)
-            norm = torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), self.cfg.grad_clip)
-            metrics["grad_norm"] += float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm) / n_steps
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return self._gather_metrics(dict(metrics))
-
-    def _gather_metrics(self, metrics: dict) -> dict:
-        """Sharded: every rank measured its rows; token-weighted sums add up to the batch's means."""
-        if self.world == 1:
-            return metrics
-        import torch.distributed as dist
-
-        keys = sorted(k for k in metrics if k not in ("iw_max", "degenerate_groups", "grad_norm"))
-        on = dict(dtype=torch.float64, device=self.policy.device)  # NCCL reduces CUDA tensors only
-        total = torch.tensor([metrics.get(k, 0.0) for k in keys], **on)
-        peak = torch.tensor([metrics.get("iw_max", 0.0)], **on)
-        dist.all_reduce(total)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        return {**metrics, **dict(zip(keys, total.tolist())), "iw_max": float(peak)}
-
-    def publish(self, folder: Path, dtype: torch.dtype | None = None) -> str:
-        """The weights for the rollout engine, as files (asyncwebrl/weights.py); returns their digest."""
-        return weights.write(self.policy.model.state_dict().items(), folder, dtype)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The loop: the rollout thread, the trainer thread, and the main thread that watches them.
-
-
-def rollout_metrics(trajs: list[Trajectory]) -> dict:
-    """Every trajectory finished since the last update, rejected groups included: the honest learning curve (the
-    trained batch is biased towards 50% success, since dynamic sampling keeps only groups with mixed rewards)."""
-    ok, bad = [t for t in trajs if t.reward > 0], [t for t in trajs if t.reward <= 0]
-    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
-    return dict(rollout_trajectories=len(trajs), rollout_success=mean([t.reward > 0 for t in trajs]),
-                rollout_steps=mean([len(t.steps) for t in trajs]),
-                rollout_steps_success=mean([len(t.steps) for t in ok]),
-                rollout_steps_failure=mean([len(t.steps) for t in bad]),
-                rollout_tokens_per_step=mean([len(s.sample.token_ids) for t in trajs for s in t.steps]))
-
-
-def batch_metrics(groups: list[Group], version: int) -> dict:
-    trajs = [t for g in groups for t in g.trajectories]
-    steps = [s for t in trajs for s in t.steps]
-    ok, bad = [t for t in trajs if t.reward > 0], [t for t in trajs if t.reward <= 0]
-    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
-    return dict(success=mean([t.reward > 0 for t in trajs]), trajectories=len(trajs), samples=len(steps),
-                steps=mean([len(t.steps) for t in trajs]), steps_success=mean([len(t.steps) for t in ok]),
-                steps_failure=mean([len(t.steps) for t in bad]),
-                tokens_per_step=mean([len(s.sample.token_ids) for s in steps]),
-                invalid_actions=mean([s.action_error is not None for s in steps]),
-                staleness_mean=mean([version - s.sample.version for s in steps]),
-                staleness_max=max(version - s.sample.version for s in steps))
 
 
 class Loop:
@@ -774,23 +513,21 @@ class Loop:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Demo: `python 04_async_loop.py` runs a short async run and a short sync run with the real env and the tiny model.
+# Demo: `python 04_async_loop.py` runs a short async run, then a short sync run, with the real env and the tiny model.
 
 
-def real_run(mode: str, updates: int, tasks: list[str], out: Path, max_steps: int | None = None,
-             **loop_cfg) -> dict:
-    """A short run with the real env and the tiny model; writes out/timeline_<mode>.jsonl, returns a summary."""
+def real_run(mode: str, updates: int, tasks: list[str], out: Path, max_steps: int | None = None, **loop_cfg) -> dict:
+    """A short run; writes out/timeline_<mode>.jsonl and returns a summary (throughput, utilisation, ledger)."""
     import dataclasses
 
-    store = env.ScreenshotStore()
-    pcfg = policy_mod.PolicyConfig()
+    store, pcfg = env.ScreenshotStore(), policy_mod.PolicyConfig()
+    tasks = [dataclasses.replace(t, max_steps=max_steps or t.max_steps) for t in suites.miniwob_tasks(names=tasks)]
     policy, sampler = policy_mod.Policy(pcfg), policy_mod.HFSampler(pcfg)  # same files: same initial weights
-    task_list = [dataclasses.replace(t, max_steps=max_steps or t.max_steps) for t in suites.miniwob_tasks(names=tasks)]
-    loop = Loop(LoopConfig(mode=mode, updates=updates, **loop_cfg), BrowserEnvs(store), sampler,
-                Learner(policy, store), task_list, store,
+    loop = Loop(LoopConfig(mode=mode, updates=updates, **loop_cfg), env.BrowserEnvs(store), sampler,
+                Learner(policy, store), tasks, store,
                 on_update=lambda m, groups: print(f"[{mode}] update {m['version']}: success {m['success']:.2f}, "
-                                          f"{m['samples']} samples in {m['update_s']:.1f}s, staleness max "
-                                          f"{m['staleness_max']}, loss {m.get('loss', float('nan')):.4f}", flush=True))
+                                                  f"{m['samples']} samples in {m['update_s']:.1f}s, staleness max "
+                                                  f"{m['staleness_max']}", flush=True))
     t0 = time.perf_counter()
     loop.run()
     wall = time.perf_counter() - t0
@@ -812,23 +549,14 @@ def main(argv=None):
                         metavar="NAME", help="MiniWoB++ tasks (default: click-button click-link click-dialog)")
     parser.add_argument("--modes", nargs="+", default=["async", "sync"], choices=["async", "sync"],
                         help="which pipelines to run (default: both)")
-    parser.add_argument("--workers", type=int, default=8, help="concurrent episodes (default: 8)")
-    parser.add_argument("--group-size", type=int, default=4, help="G, trajectories per group (default: 4)")
-    parser.add_argument("--batch-groups", type=int, default=2, help="B, groups per update (default: 2)")
-    parser.add_argument("--max-steps", type=int, default=None, help="episode horizon (default: the task's, 10)")
-    parser.add_argument("--out", type=Path, default=Path("runs/04_demo"),
-                        help="where the timelines go (default: runs/04_demo)")
+    parser.add_argument("--out", type=Path, default=Path("runs/04_demo"), help="default: runs/04_demo")
     args = parser.parse_args(argv)
     try:
         suites.miniwob_tasks(names=args.tasks)
     except ValueError as e:
         parser.error(str(e))
-    for mode in args.modes:
-        # dynamic sampling off: a random tiny model rarely succeeds, and the demo is about the loop, not learning
-        r = real_run(mode, args.updates, args.tasks, args.out, args.max_steps, workers=args.workers,
-                     group_size=args.group_size, batch_groups=args.batch_groups, dynamic_sampling=False)
-        print(json.dumps(r))
-    return 0
+    for mode in args.modes:  # dynamic sampling off: the demo is about the loop, not learning
+        print(json.dumps(real_run(mode, args.updates, args.tasks, args.out, dynamic_sampling=False)))
 
 
 if __name__ == "__main__":

@@ -516,7 +516,7 @@ def build(cfg: TrainConfig, pcfg, store, tasks: list, version: int = 0, world: i
                                              drop_stale=cfg.drop_stale, dynamic_sampling=cfg.dynamic_sampling,
                                              updates=cfg.updates, weights_dir=cfg.weights_dir,
                                              seed=cfg.seed), **loop_overrides})
-    loop = loop_mod.Loop(loop_cfg, loop_mod.BrowserEnvs(store), sampler, learner, tasks, store)
+    loop = loop_mod.Loop(loop_cfg, env.BrowserEnvs(store), sampler, learner, tasks, store)
     return policy, sampler, learner, loop
 
 

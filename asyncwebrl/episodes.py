@@ -38,9 +38,10 @@ class Episode:
 
 
 async def _play(agent, jobs: list, store, workers: int, keep_screenshots: bool, progress) -> list[Episode]:
-    server, browser = env.TaskServer(), env.Browser()
+    envs = env.BrowserEnvs(store)
+    await envs.start()
     queue = collections.deque(enumerate(jobs))
-    slots = [env.BrowserEnv(browser, store, server.base) for _ in range(max(1, min(workers, len(jobs))))]
+    slots = [envs.slot(i) for i in range(max(1, min(workers, len(jobs))))]
     running: dict[int, Episode] = {}
     done: list[Episode] = []
 
@@ -86,8 +87,7 @@ async def _play(agent, jobs: list, store, workers: int, keep_screenshots: bool, 
     finally:
         for s in slots:
             await s.close()
-        await browser.close()
-        server.close()
+        await envs.close()
     return sorted(done, key=lambda e: int(e.name[4:]))
 
 

@@ -304,7 +304,7 @@ def test_batched_inference_serves_many_workers_per_call():
     next call must serve every worker the first did not."""
     class Gated(FakeSampler):
         def sample(self, turns, store):
-            while not self.batches and len(turns) + len(loop.pool.requests) < 8 and not loop.stop.is_set():
+            while not self.batches and len(turns) + len(loop.pool.batcher.requests) < 8 and not loop.stop.is_set():
                 time.sleep(0.001)
             return super().sample(turns, store)
 
@@ -406,7 +406,7 @@ def test_by_value_ablation_carries_the_bytes_and_trains_from_them():
     class Checking(FakeLearner):
         def update(self, groups):
             steps = [s for g in groups for t in g.trajectories for s in t.steps]
-            images = aloop._StepImages(steps, env.ScreenshotStore())  # an empty store: bytes must travel along
+            images = aloop.StepImages(steps, env.ScreenshotStore())  # an empty store: bytes must travel along
             seen.extend(images.get(k) for s in steps for k in s.turn.images)
             return super().update(groups)
 
