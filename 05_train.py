@@ -13,13 +13,18 @@ resolved config is saved in the run directory, which also receives:
     trajectories/v<N>/     a few trained trajectories per update: replies, actions and their screenshots
     checkpoints/v<N>/      model (loadable with from_pretrained), optimizer, RNG and task-sampler state
     warmstart/             with --warmstart-steps: the cloned model (version 0), its loss log and data stats
+
+In the package: the run directory and checkpoints (asyncwebrl/rundir.py), config checks (configs.py), the several
+GPUs and nodes (distributed.py: placement, FSDP2 trainer ranks), the vLLM engine (vllm_engine.py), the warm start
+(warmstart.py). Changed from the paper: on a CPU the default is the tiny model on six easy MiniWoB++ tasks with a
+few short updates, and the tiny-learn preset first clones scripted demonstrations (a stand-in for the pretrained
+VLM the paper starts from); `--preset paper` holds the released configuration.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import math
 import os
 import random
 import shutil
@@ -30,7 +35,9 @@ from pathlib import Path
 
 import torch
 
-from asyncwebrl import ROOT, distributed as dist, load, suites
+from asyncwebrl import distributed as dist, load, suites
+from asyncwebrl.configs import UsageError, json_object, model_params, validate
+from asyncwebrl.rundir import Run, progress_bar
 
 env = load("01_env")
 policy_mod = load("02_policy")
@@ -142,10 +149,6 @@ PRESETS = {
 # Command line: every TrainConfig field is a flag; defaults < preset < --config file < flags given.
 
 
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit status 2, no traceback."""
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter,
                                 argument_default=argparse.SUPPRESS)  # only flags actually given reach the config
@@ -173,11 +176,11 @@ def resolve(argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:
         saved = Path(meta["resume"]) / "config.json"
         if not saved.is_file():
             raise UsageError(f"--resume {meta['resume']}: no config.json there (not a run directory?)")
-        values.update(_json_object(saved, "--resume", key="config"))
+        values.update(json_object(saved, "--resume", key="config"))
         values["run_dir"] = meta["resume"]
     values.update(PRESETS[meta["preset"] or "tiny"] if not meta["resume"] else {})
     if meta["config"]:
-        values.update(_json_object(Path(meta["config"]), "--config"))
+        values.update(json_object(Path(meta["config"]), "--config"))
     values.update(args)
     unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
@@ -188,52 +191,6 @@ def resolve(argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:
     if not cfg.run_dir:
         cfg.run_dir = str(Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{meta['preset'] or 'tiny'}")
     return cfg, argparse.Namespace(**meta)
-
-
-def _json_object(path: Path, flag: str, key: str | None = None) -> dict:
-    """A JSON object read from a file (or its `key` member), or a UsageError that says what is wrong with it."""
-    try:
-        value = json.loads(path.read_text())
-        value = value[key] if key is not None else value
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError, IndexError) as e:
-        raise UsageError(f"{flag} {path}: cannot read it ({type(e).__name__}: {str(e)[:120]})") from None
-    if not isinstance(value, dict):
-        raise UsageError(f"{flag} {path}: expected a JSON object of config fields, got {type(value).__name__}")
-    return value
-
-
-# Bounds of every numeric field, checked once here whatever set the value (default, preset, --config file, flag).
-AT_LEAST = dict(seed=0, updates=0, checkpoint_every=1, keep_checkpoints=1, log_trajectories=0, max_steps=0,
-                warmstart_steps=0, warmstart_episodes=1, history=0, images=1, max_new_tokens=1, memory_tokens=1,
-                workers=1, group_size=2, batch_groups=1, max_staleness=0, epochs=1, minibatches=1, micro_batch=1,
-                gpus=-1, nodes=1, rollout_gpus=0, trainer_procs=1, weight_decay=0.0, max_model_len=256)
-POSITIVE = ("lr", "temperature", "eps_clip", "grad_clip", "k", "dist_timeout_min", "gpu_memory_utilization")
-CHOICES = dict(engine=("auto", "hf", "vllm"), split=("train", "test"), constrained=("auto", "on", "off"),
-               mode=("async", "sync"), normalizer=("const", "traj"), judge=("rubric_keywords", "chat"),
-               adv_std=("unbiased", "population"))
-
-
-def validate(cfg: TrainConfig) -> None:
-    """Types, bounds and choices of every field: one clear sentence for the first one that is wrong."""
-    for f in dataclasses.fields(TrainConfig):
-        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
-        kind = {"int": int, "float": (int, float), "bool": bool, "str": str}[f.type]
-        if not isinstance(value, kind) or (isinstance(value, bool) and f.type != "bool"):
-            raise UsageError(f"{flag} must be {'a number' if f.type == 'float' else f.type}, got {value!r:.60}")
-        if f.type == "float" and not math.isfinite(value):
-            raise UsageError(f"{flag} must be a finite number, got {value!r}")
-        if f.name == "group_size" and value < 2:
-            raise UsageError("--group-size must be at least 2: GRPO compares trajectories within a group")
-        if f.name in AT_LEAST and value < AT_LEAST[f.name]:
-            raise UsageError(f"{flag} must be at least {AT_LEAST[f.name]}, got {value}")
-        if f.name in POSITIVE and value <= 0:
-            raise UsageError(f"{flag} must be greater than 0, got {value}")
-        if f.name in CHOICES and value not in CHOICES[f.name]:
-            raise UsageError(f"{flag} must be one of {', '.join(CHOICES[f.name])}, got {value!r}")
-    if cfg.gpu_memory_utilization > 1:
-        raise UsageError(f"--gpu-memory-utilization is a share of the GPU, at most 1; got {cfg.gpu_memory_utilization}")
-    if cfg.eps_clip >= 1:
-        raise UsageError(f"--eps-clip must be below 1 (the ratio is clipped to [1 - eps, 1 + eps]), got {cfg.eps_clip}")
 
 
 def check(cfg: TrainConfig, dry_run: bool = False) -> None:
@@ -280,18 +237,6 @@ def check(cfg: TrainConfig, dry_run: bool = False) -> None:
                              f"{', '.join(SOLVABLE)})")
 
 
-def model_params(model: str) -> int:
-    """Parameters of a model, from its config alone (built on the meta device: nothing is loaded)."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    try:
-        config = AutoConfig.from_pretrained(model)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--model {model}: cannot read its config ({str(e)[:100]})") from None
-    with torch.device("meta"):
-        return sum(p.numel() for p in AutoModelForImageTextToText.from_config(config).parameters())
-
-
 def load_tasks(cfg: TrainConfig) -> list:
     try:
         if cfg.task_file:
@@ -327,95 +272,7 @@ def placement(cfg: TrainConfig, gpus: int | None = None) -> dist.Placement:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The run directory: config, metrics, trajectories, checkpoints.
-
-
-class Run:
-    def __init__(self, cfg: TrainConfig):
-        self.cfg, self.dir = cfg, Path(cfg.run_dir)
-        (self.dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-
-    def save_config(self) -> None:
-        _write_atomic(self.dir / "config.json", json.dumps(dict(config=dataclasses.asdict(self.cfg),
-                                                                 commit=_git_commit(), argv=sys.argv[1:]), indent=2))
-
-    def latest_checkpoint(self) -> Path | None:
-        latest = self.dir / "checkpoints" / "latest"
-        return self.dir / "checkpoints" / latest.read_text().strip() if latest.is_file() else None
-
-    def log_metrics(self, row: dict) -> None:
-        with open(self.dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def rewind(self, version: int) -> float:
-        """On resume (a no-op for a new run): what came after the checkpoint's version was lost and will be redone,
-        so its metrics rows and trajectory folders go. Returns the seconds the run had already spent (its last row
-        or timeline span), from which the resumed run's clock counts on."""
-        spent = 0.0
-        for name, key in (("metrics.jsonl", "time_s"), ("timeline.jsonl", "end")):
-            path = self.dir / name
-            lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-            rows = [(line, _parse_row(line)) for line in lines]
-            for _, row in rows:
-                spent = max(spent, row.get(key, 0.0) if isinstance(row.get(key), (int, float)) else 0.0)
-            if name == "metrics.jsonl" and rows:
-                _write_atomic(path, "\n".join(line for line, row in rows if row.get("version", 0) <= version))
-        for folder in (self.dir / "trajectories").glob("v*"):
-            if not folder.name[1:].isdigit() or int(folder.name[1:]) > version:
-                shutil.rmtree(folder, ignore_errors=True)
-        return spent
-
-    def log_trajectories(self, groups, store, version: int) -> None:
-        trajs = [t for g in groups for t in g.trajectories][:self.cfg.log_trajectories]
-        for t in trajs:
-            folder = self.dir / "trajectories" / f"v{version:04d}" / f"traj{t.id}"
-            folder.mkdir(parents=True, exist_ok=True)
-            steps = []
-            for n, s in enumerate(t.steps):
-                shot = s.turn.images[-1] if s.turn.images else None
-                if shot:
-                    (folder / f"step{n:02d}.jpg").write_bytes(store.get(shot))
-                steps.append(dict(reply=s.sample.text, action_error=s.action_error, version=s.sample.version,
-                                  tokens=len(s.sample.token_ids), screenshot=f"step{n:02d}.jpg" if shot else None))
-            (folder / "trajectory.json").write_text(json.dumps(dict(task=t.task, seed=t.seed, reward=t.reward,
-                                                                    end=t.end, steps=steps), indent=1))
-
-    def save_checkpoint(self, policy, learner, pool, version: int) -> None:
-        """Model files first, then trainer state, then the `latest` pointer (atomic rename): a kill at any point
-        leaves the previous checkpoint intact and pointed to."""
-        folder = self.dir / "checkpoints" / f"v{version:04d}"
-        tmp = folder.with_suffix(".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        # every rank writes its optimizer shard; the model is gathered
-        sharded = isinstance(learner, dist.ShardedLearner)
-        policy.save(tmp / "model", learner.save(tmp) if sharded else None)
-        torch.save(dict(version=version, torch_rng=torch.get_rng_state(),
-                        optimizer=None if sharded else learner.optimizer.state_dict(),
-                        python_rng=random.getstate(), task_rng=pool.rng.getstate(),
-                        task_order=[t.id for t in pool.order]), tmp / "trainer.pt")
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-        pointer = self.dir / "checkpoints" / "latest.tmp"
-        pointer.write_text(folder.name + "\n")
-        os.replace(pointer, self.dir / "checkpoints" / "latest")
-        old = sorted(p for p in (self.dir / "checkpoints").glob("v*") if p.is_dir() and p.suffix != ".tmp")
-        for stale in old[:-self.cfg.keep_checkpoints]:
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-    def restore(self, ckpt: Path, learner, pool, tasks: list, rank: int = 0, sharded: bool = False) -> int:
-        """Continue exactly where the checkpoint was (its weights are loaded with the model): optimizer moments,
-        RNGs, the task sampler and the tasks left in its round. Returns the checkpoint's version."""
-        state = torch.load(ckpt / "trainer.pt", weights_only=False)
-        learner.optimizer.load_state_dict(torch.load(ckpt / f"optimizer.rank{rank}.pt", weights_only=False)
-                                          if sharded else state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        pool.rng.setstate(state["task_rng"])
-        by_id = {t.id: t for t in tasks}
-        pool.order = [by_id[i] for i in state["task_order"] if i in by_id]
-        return state["version"]
+# The run directory is asyncwebrl/rundir.py; TensorBoard and wandb are optional sinks beside its metrics.jsonl.
 
 
 def extra_loggers(cfg: TrainConfig, run_dir: Path) -> list:
@@ -439,41 +296,6 @@ def extra_loggers(cfg: TrainConfig, run_dir: Path) -> list:
         sinks.append(lambda row: wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))},
                                            step=row["version"]))
     return sinks
-
-
-def _parse_row(line: str) -> dict:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError:  # a row cut by a kill mid-write: dropped
-        return {"version": 10**9}
-    return row if isinstance(row, dict) and isinstance(row.get("version", 0), int) else {"version": 10**9}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write a file that a resume reads: a kill leaves either the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text + "\n" if text else "")
-    os.replace(tmp, path)
-
-
-def _git_commit() -> str:
-    head = ROOT / ".git" / "HEAD"
-    try:
-        ref = head.read_text().strip()
-        return (ROOT / ".git" / ref[5:]).read_text().strip()[:12] if ref.startswith("ref: ") else ref[:12]
-    except OSError:
-        return "unknown"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Progress: one bar, the numbers a researcher watches.
-
-
-def progress_bar(cfg: TrainConfig, start: int):
-    from tqdm import tqdm
-
-    return tqdm(total=cfg.updates, initial=start, unit="update", dynamic_ncols=True, file=sys.stdout,
-                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

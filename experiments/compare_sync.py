@@ -24,12 +24,13 @@ import torch
 
 from asyncwebrl import ROOT, load, weights
 from asyncwebrl.figures import throughput_figure
+from asyncwebrl.rundir import git_commit
 
 env = load("01_env")
 loop_mod = load("04_async_loop")
 train = load("05_train")
 build, load_tasks, placement, policy_config = train.build, train.load_tasks, train.placement, train.policy_config
-_git_commit, TrainConfig = train._git_commit, train.TrainConfig
+TrainConfig = train.TrainConfig
 
 
 VARIANTS = [("sync", dict(mode="sync")), ("async, drained pool", dict(mode="async", drain=True)),
@@ -129,7 +130,7 @@ def compare_sync(cfg: TrainConfig, out: Path = ROOT / "figures", repeats: int = 
         machine=f"{place.describe()[0]}, {torch.get_num_threads()} torch threads",
         config={k: getattr(cfg, k) for k in ("updates", "workers", "group_size", "batch_groups", "max_steps",
                                                "tasks", "max_staleness", "dynamic_sampling")},
-        commit=_git_commit(), repeats=repeats,
+        commit=git_commit(), repeats=repeats,
         speedup_async_over_sync=by["async (full)"]["vs_sync"],
         speedup_async_over_sync_runs=by["async (full)"]["vs_sync_runs"],
         rollout_only_samples_per_s=rollout_sps, train_only_samples_per_s=round(train_sps_median, 4),
