@@ -238,6 +238,14 @@ def load_model(cfg: PolicyConfig, trainable: bool):
     return model, tokenizer, image_processor
 
 
+def quiet_libraries() -> None:
+    """For the scripts that print their own progress (05, 06): transformers' per-file loading and saving bars
+    (every checkpoint would draw one) would interleave with it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def compute_dtype(cfg: PolicyConfig, device: str | torch.device) -> torch.dtype:
     return getattr(torch, cfg.dtype) if cfg.dtype else torch.bfloat16 if str(device).startswith("cuda") else \
         torch.float32

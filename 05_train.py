@@ -515,12 +515,13 @@ def _train(cfg: TrainConfig, place: dict, rank: int = 0, world: int = 1) -> Path
         loop.timeline.flush(run.dir / "timeline.jsonl", offset=spent)
         if world > 1:
             learner.stop()
-    print(f"done: version {loop.version}; run directory {run.dir}")
+    print(f"done: version {loop.version}; results in {run.dir}; evaluate them with: python 06_eval.py {run.dir}")
     return run.dir
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    policy_mod.quiet_libraries()
     try:
         cfg, meta = resolve(argv)
         check(cfg, meta.dry_run)

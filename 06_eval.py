@@ -206,6 +206,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    policy_mod.quiet_libraries()
     p = parser()
     args = p.parse_args(argv)
     try:

@@ -1,4 +1,4 @@
-"""Helper script for tests/test_train.py (not a test module): one learner update on a fixed batch, either in one
+"""Helper script for tests/test_05_train.py (not a test module): one learner update on a fixed batch, either in one
 process or sharded with FSDP2 over 2 CPU processes (gloo), with plain SGD so the step is the gradient. Saves the
 gathered full state dict and every metric to OUT.   python tests/sharded_update.py MODEL_DIR OUT {1|2}"""
 import io

@@ -1,6 +1,6 @@
 """The GPU path's parts that a CPU can check (asyncwebrl/distributed.py, asyncwebrl/vllm_engine.py, the trainer's
 numerics): fp32 master weights that an lr 5e-6 step moves, a refresh that times out loudly, the vLLM refresh's calls
-in order, and a dead trainer rank that is an error, not a hang. The placement maps are in test_train.py."""
+in order, and a dead trainer rank that is an error, not a hang. The placement maps are in test_05_train.py."""
 import asyncio
 import subprocess
 import sys

@@ -97,3 +97,12 @@ def test_env_asks_the_judge_with_the_episode_screenshots_and_survives_its_failur
     assert base64.b64decode(sent.split(",", 1)[1]) == screenshot  # the page the agent saw, as JPEG bytes
     assert babbled.done and babbled.reward == 0.0 and babbled.info["end"] == "judge_error"
     assert "expected YES or NO" in babbled.info["judge_error"]
+
+
+def test_rubric_keywords_judge():
+    task = env.Task(
+        id="t", url="http://x", goal="g", judge="rubric_keywords", difficulty="easy", split="train", family="x",
+        rubric=(("9am OR 9:00", "5pm"), ("Monday",)))
+    judge = env.JUDGES["rubric_keywords"]
+    assert judge(task, "Open Monday 9:00 to 5pm", []) == 1.0
+    assert judge(task, "Open Monday 9:00", []) == 0.0

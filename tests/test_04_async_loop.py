@@ -552,7 +552,7 @@ def test_the_stall_warning_reaches_a_piped_log_while_the_run_is_still_going(tmp_
     import sys
 
     script = tmp_path / "stall.py"
-    script.write_text("import test_async_loop as t\n"
+    script.write_text("import test_04_async_loop as t\n"
                       "store = t.env.ScreenshotStore()\n"
                       f"loop, *_ = t.make_loop(store, envs=t.FakeEnvs(store, p_success=0.0), updates=2, "
                       f"weights_dir={str(tmp_path / 'w')!r})\n"

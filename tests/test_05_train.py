@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asyncwebrl import ROOT, load
+from asyncwebrl import ROOT, load, suites
 
 train = load("05_train")
 SMALL = ["--workers", "4", "--group-size", "2", "--batch-groups", "1", "--max-steps", "3", "--no-dynamic-sampling",
@@ -395,7 +395,7 @@ def test_a_checkpoint_restores_the_whole_training_state(tiny_dir, tmp_path):
     import torch
 
     pol, aloop = load("02_policy"), load("04_async_loop")
-    tasks = load("01_env").miniwob_tasks(names=["click-button", "click-link", "click-tab", "focus-text"])
+    tasks = suites.miniwob_tasks(names=["click-button", "click-link", "click-tab", "focus-text"])
     run = train.Run(train.TrainConfig(run_dir=str(tmp_path)))
 
     def step(learner):  # one optimizer step on a loss that touches every weight
