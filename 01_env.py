@@ -16,8 +16,8 @@ Reward is trajectory-level success, 1 or 0, as in the paper. Changed from the pa
 page's element marks beside the screenshot (a text channel the tiny CPU model can use; the paper's agent reads
 pixels and clicks coordinates, which the grammar also allows), and MiniWoB++ pages are screenshotted in their
 160x210 task area only. The machinery lives in the package: the task suites and the WebGym loader
-(asyncwebrl.suites.py), the judges (asyncwebrl/judge.py), the task server, chromium and the page-reading JavaScript
-(asyncwebrl/browser.py).
+(asyncwebrl/suites.py), the judges (asyncwebrl/judge.py), and the task server, chromium, its settings (EnvConfig)
+and the page-reading JavaScript (asyncwebrl/browser.py).
 """
 from __future__ import annotations
 
