@@ -611,3 +611,47 @@ def test_the_admission_rule_by_hand():
     for g in range(loop.buffer.capacity):  # a full buffer: back-pressure
         loop.buffer.put(aloop.Group(g, None, 0, []))
     assert loop.buffer.capacity == 2 and not pool._admit()
+
+
+@pytest.mark.parametrize("mode, bound", [("async", 2), ("sync", 0)])
+def test_drop_stale_drops_exactly_the_groups_older_than_the_bound(mode, bound):
+    """With drop_stale the trainer drops a group whose oldest step is more than max_staleness (async; 0 in sync)
+    versions behind it, counts it and frees it, and trains every other group, in the order they finished."""
+    loop, *_ = make_loop(mode=mode, max_staleness=2, batch_groups=3, group_size=1, drop_stale=True)
+    loop.version = 5
+    ages = [0, bound, bound + 1, 1 if bound else 0, bound + 3]  # staleness of five groups, in finishing order
+    for g, age in enumerate(ages):
+        loop.store.put(f"e{g}", b"jpeg")
+        loop.buffer.put(aloop.Group(g, None, 0, [_traj(g, g, 1.0, [1, 1], [5 - age, 5])]))
+    watchdog = threading.Timer(WATCHDOG_S, loop.stop.set)  # a bound that drops too many would wait for ever
+    watchdog.start()
+    fresh = loop._take_fresh_groups()
+    watchdog.cancel()
+    assert fresh is not None and [g.id for g in fresh] == [0, 1, 3]  # group 2 (bound + 1) was dropped on the way; group 4 still waits
+    assert loop.stats.groups_dropped == loop.stats.dropped_stale == 1 and not loop.store.keys("e2")
+    assert loop.store.keys("e0") and len(loop.buffer) == 1
+
+
+def test_each_slot_of_a_group_is_admitted_but_a_retried_slot_goes_at_once():
+    """A new group needs admission, and so does each of its slots waiting in the queue; a slot being retried after
+    its env failed was admitted when it first started, so it goes at once even while admission is closed (here by
+    the drain ablation around a refresh). Deterministic: with admission closed, _next_slot never returns."""
+    async def scenario():
+        loop, *_ = make_loop(group_size=2)
+        pool = loop.pool
+        pool.loop, pool._changed = asyncio.get_running_loop(), asyncio.Event()
+        pool.draining = True  # admission closed
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(pool._next_slot(), 0.2)
+        assert not pool.open and not pool.slots  # no group started while closed
+        group = aloop.Group(0, TASKS[0], 0)
+        pool.open[0] = group
+        pool.slots.append((group, 0, 0))  # the second slot of a started group
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(pool._next_slot(), 0.2)
+        pool.slots.appendleft((group, 1, 1))  # a slot retried once
+        assert await asyncio.wait_for(pool._next_slot(), 5) == (group, 1, 1)
+        pool.draining = False  # open again: the waiting slot goes, before any new group is made
+        assert await asyncio.wait_for(pool._next_slot(), 5) == (group, 0, 0) and list(pool.open) == [0]
+
+    asyncio.run(scenario())
