@@ -151,7 +151,10 @@ def test_the_ranks_of_a_data_parallel_learner_add_up_to_one_learner(monkeypatch)
     for g, trajs in enumerate(members):
         group = []
         for ids, reward in trajs:
-            behave = [float(lp0[t]) - 0.3 * (t % 3) for t in ids]  # off-policy: importance weights 1, e^.3, e^.6
+            # off-policy: importance weights 1, e^.3, e^.6; the first row on-policy, as it is the one rank 1's empty
+            # chunk stands in with: there its pi_prox is 0, so its weight e^-log p (1.6 to 6.1) leaves some tokens
+            # under the cap, and an empty chunk weighted other than 0 would move rank 1's step
+            behave = [float(lp0[t]) - (0.3 * (t % 3) if n > 1 else 0.0) for t in ids]
             group.append(aloop.Trajectory(n, g, "t", 0, f"e{n}", [aloop.Step(None, pol.Sample("", ids, behave, 0,
                                                                                                 False), None)],
                                           reward=reward))
@@ -210,3 +213,19 @@ def test_publish_writes_the_trained_weights_in_the_engines_dtype(tiny_dir, tmp_p
     assert digest == weights.digest_of(tmp_path / "v1") and {t.dtype for t in files.values()} == {torch.bfloat16}
     held = dict(policy.model.named_parameters())
     assert set(files) == set(held) and all(torch.equal(files[k], held[k].detach().to(torch.bfloat16)) for k in files)
+
+
+def test_the_token_weight_metrics_are_means_over_their_tokens_and_over_the_optimizer_steps():
+    """fig. 6's numbers by hand, over 2 epochs (2 optimizer steps on the same batch): a one-token success and a
+    one-token failure, A = +-r_hat / k with r_hat = +-0.5 / std([1, 0]) and k = 10; each token's weight is
+    |A| / |T| with |T| = 2 tokens, the same at every step, so the mean over the steps is that weight."""
+    policy = ThetaPolicy()
+    lp0 = policy.model.theta.detach().log_softmax(-1)
+    trajs = [aloop.Trajectory(i, 0, "t", 0, f"e{i}", [aloop.Step(None, pol.Sample("", [t], [float(lp0[t])], 0, False),
+                                                                  None)], reward=r)
+             for i, (t, r) in enumerate([(3, 1.0), (2, 0.0)])]
+    learner = aloop.Learner(policy, None, cfg=aloop.LearnerConfig(epochs=2, minibatches=1, grad_clip=1e9))
+    m = learner.update([aloop.Group(0, None, 0, trajs)])
+    weight = 0.5 / float(torch.tensor([1.0, 0.0]).std()) / 10 / 2
+    assert m["token_weight_success"] == pytest.approx(weight, rel=1e-4)  # (float32 in the loss)
+    assert m["token_weight_failure"] == pytest.approx(weight, rel=1e-4)
