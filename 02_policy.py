@@ -425,8 +425,8 @@ async def _observe(task_name: str, seed: int):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="02_policy: build the tiny offline Qwen3-VL (if absent), show it "
-                                                 "one MiniWoB++ page, print the prompt, its reply and the action. The model benchmark is "
-                                                 "`python -m experiments.policy_bench`.")
+                                                 "one MiniWoB++ page, print the prompt, its reply and the action. "
+                                                 "The model benchmark is `python -m experiments.policy_bench`.")
     parser.add_argument("--model", default=str(TINY_MODEL_DIR),
                         help=f"model path or hub name (default: the tiny model at {TINY_MODEL_DIR}; "
                              f"the paper's is {PAPER_MODEL})")

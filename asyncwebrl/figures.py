@@ -5,7 +5,8 @@ series of every run, and the curve of each variant (median over its runs, min-ma
 a moving average over SMOOTH updates (said on the axis); the JSON keeps the raw numbers too.
 
 A directory given here is either a training run (config.json + metrics.jsonl from 05_train.py, plus any eval-*.json
-tables that 06_eval.py saved inside it) or a throughput benchmark folder (throughput.json from `python -m experiments.compare_sync`).
+tables that 06_eval.py saved inside it) or a throughput benchmark folder (throughput.json from
+`python -m experiments.compare_sync`).
 """
 from __future__ import annotations
 
