@@ -372,6 +372,7 @@ def _rank(cfg: TrainConfig, place: dist.Placement, rank: int, world: int, local_
     rank 0 also starts the node's headless vLLM replicas (rank 0's engine drives them)."""
     import torch.distributed as tdist
 
+    policy_mod.quiet_libraries()  # each rank loads the model: no loading bars across the run's progress
     torch.set_num_threads(max(1, torch.get_num_threads() // max(1, place.trainer)))
     dist.init(rank, world, port, place.trainer_device(local_rank), cfg.dist_timeout_min * 60)
     replicas = None
@@ -393,6 +394,21 @@ def _rank(cfg: TrainConfig, place: dist.Placement, rank: int, world: int, local_
         if replicas is not None:
             replicas.terminate()
         tdist.destroy_process_group()
+    _exit_rank()
+
+
+def _exit_rank() -> None:
+    """A trainer rank that finished ends here, without the interpreter's finalization. Once FSDP2 has used the
+    process group, torch keeps references to it past destroy_process_group (in a 10-line script too: its gloo
+    threads outlive the model, the cleared DTensor caches and a gc.collect()), so a normal exit tears those threads
+    down during finalization, which aborted a rank ("terminate called without an active exception") in 1 of 40
+    runs here (pytorch/pytorch#190489, #179291). Everything is written and the group destroyed by now; a failed rank
+    raises instead and never gets here."""
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish()  # its own exit hook would not run
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port() -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,6 +154,9 @@ def shard(model) -> None:
         if type(module).__name__.endswith(("DecoderLayer", "VisionBlock")):
             fully_shard(module, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+    # the root returns its logits as a view (logits_to_keep slices them); 02's Policy only reads them out of place
+    # (`.float()`, `gather`), which the warning itself says is safe: it would only interleave with the progress bar
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 
 def full_tensors(model):
