@@ -81,7 +81,7 @@ class LoopConfig:
     drain: bool = False  # no everlasting pool: before each refresh, stop starting episodes and wait for all to end
     screenshots_by_value: bool = False  # no lightweight screenshots: groups carry the bytes, serialised (pickled)
     weights_dir: str = ""  # where each refresh's weight files go (asyncwebrl/weights.py); "" = a fresh RAM folder
-    seed: int = 0
+    seed: int = 0  # seeds the task order and the task instances (MiniWoB++ seeds)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -45,8 +45,8 @@ class StepImages:
 @dataclass
 class LearnerConfig:
     lr: float = 1e-4  # tiny model from scratch; the paper's 8B uses 5e-6
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    weight_decay: float = 0.01  # AdamW's decoupled decay
+    grad_clip: float = 1.0  # max global gradient norm per optimizer step
     epochs: int = 1  # passes over the batch (released code: 3)
     minibatches: int = 1  # optimizer steps per pass (released code: 2); pi_prox is computed once, before them all
     micro_batch: int = 16  # steps per forward/backward (gradient accumulation): bounds activation memory

@@ -41,7 +41,7 @@ class EngineConfig:
     max_model_len: int = 16384  # prompt + reply tokens; Qwen3-VL's own 256K would reserve ~36 GiB of KV cache
     gpu_memory_utilization: float = 0.85  # of each rollout GPU, for the weights and the KV cache
     enforce_eager: bool = False  # True: no CUDA graphs (starts faster, decodes slower)
-    seed: int = 0
+    seed: int = 0  # vLLM's sampling seed
     refresh_timeout_s: float = 600.0  # a weight load that takes longer means a dead or stuck engine
 
 

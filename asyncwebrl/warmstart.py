@@ -31,10 +31,10 @@ class WarmstartConfig:
     steps: int = 60  # optimizer steps of behaviour cloning
     episodes: int = 160  # demonstrations played (failed ones are dropped)
     batch: int = 16  # replies per optimizer step
-    lr: float = 1e-3
+    lr: float = 1e-3  # AdamW; dense supervision of a small model takes a larger step than RL
     verbose: float = 0.5  # fraction of demonstrations with redundant steps and a wordy memory
     workers: int = 8  # episodes played side by side
-    seed: int = 0
+    seed: int = 0  # seeds the demonstrations (tasks, instances, which are verbose) and the cloning batches
 
 
 WORDY = ("goal read, page elements checked, nothing done yet; next: {plan}",  # ~20 memory tokens, the
