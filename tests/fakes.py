@@ -110,6 +110,7 @@ class FakeAsyncEngine(FakeSampler):
     def __init__(self, reply_s=0.005):
         super().__init__()
         self.reply_s, self.in_flight, self.peak, self.started, self.closed = reply_s, 0, 0, 0, 0
+        self.replies = 0  # requests answered
 
     async def start(self):
         self.started += 1
@@ -121,6 +122,7 @@ class FakeAsyncEngine(FakeSampler):
         self.peak = max(self.peak, self.in_flight)
         await asyncio.sleep(self.reply_s)
         self.in_flight -= 1
+        self.replies += 1
         return pol.Sample("Memory: m\nAction: click(#0)", [1, 2, 3], [-0.5] * 3, version, False)
 
     def close(self):

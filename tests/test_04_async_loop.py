@@ -106,6 +106,7 @@ def test_an_engine_that_batches_by_itself_gets_one_request_per_step_and_no_batch
     assert engine.started == 1 == engine.closed  # started in the pool's event loop, closed with it
     assert engine.batches == [] and loop.stats.inference_calls == 0  # never the batched path
     assert loop.stats.inference_replies >= sum(len(t.steps) for t in loop.pool.trajectory_log) > 0  # + open episodes
+    assert loop.stats.inference_replies == engine.replies  # one count per answered request
     assert engine.peak > 1  # requests of different episodes are in flight together
 
 
@@ -655,3 +656,59 @@ def test_each_slot_of_a_group_is_admitted_but_a_retried_slot_goes_at_once():
         assert await asyncio.wait_for(pool._next_slot(), 5) == (group, 0, 0) and list(pool.open) == [0]
 
     asyncio.run(scenario())
+
+
+def test_a_trajectory_that_finishes_after_its_group_was_abandoned_is_counted_once_and_freed():
+    """In groups 0 and 1, episode 0 fails (once: slot_retries 1) while its sibling is running; the group is given
+    up, and the sibling, which waits for that (an event), finishes afterwards: it is counted abandoned, once, its
+    screenshots are freed, and the ledger balances."""
+    store = env.ScreenshotStore()
+    doomed, started = (0, 1), set()
+
+    async def fail_while_sibling_runs(task, episode):
+        group, j = (int(x) for x in episode[1:].split(".")[:2])
+        if group in doomed:
+            started.add((group, j))
+            if j == 0:
+                while (group, 1) not in started and not loop.stop.is_set():
+                    await asyncio.sleep(0.001)
+                raise RuntimeError("the page died while its sibling was running")
+            while group in loop.pool.open and not loop.stop.is_set():
+                await asyncio.sleep(0.001)
+
+    envs = FakeEnvs(store, length=constant(1), before_reset=fail_while_sibling_runs)
+    loop, learner, *_ = make_loop(store, envs=envs, updates=4, workers=4, group_size=2, batch_groups=1,
+                                  slot_retries=1, dynamic_sampling=False)
+    loop.run()
+    ledger = loop.ledger()
+    late = [t for t in loop.pool.trajectory_log if t.group in doomed]
+    assert len(late) == 2 and ledger["abandoned"] == 2 and loop.stats.env_errors == 2
+    assert ledger["finished"] == ledger["trained"] + ledger["rejected"] + ledger["dropped_stale"] + \
+        ledger["abandoned"] + ledger["leftover"] and ledger["trained"] == 4 * 2
+    assert not any(k.startswith(("g0.", "g1.")) for k in store._bytes)
+
+
+def test_rejected_groups_are_counted_and_the_stall_count_restarts_after_an_accepted_group(capsys):
+    """Dynamic sampling, by hand: a group with equal rewards is rejected (counted as a group and as its
+    trajectories, freed); one with different rewards goes to the buffer as it is (by reference: screenshots by
+    value is an ablation) and restarts the count of rejections in a row, so the stall warning needs 20 more."""
+    loop, *_ = make_loop(group_size=2, batch_groups=1)
+    pool = loop.pool
+
+    def finish(gid, rewards):
+        group = aloop.Group(gid, TASKS[0], 0)
+        pool.open[gid] = group
+        for j, reward in enumerate(rewards):
+            pool._finish(group, _traj(2 * gid + j, gid, reward, [1], [0]))
+        return group
+
+    for gid in range(5):
+        finish(gid, [0.0, 0.0])
+    accepted = finish(5, [1.0, 0.0])
+    assert loop.buffer._groups[-1] is accepted and pool.accepted == 2
+    for gid in range(6, 25):
+        finish(gid, [1.0, 1.0])
+    assert "were rejected" not in capsys.readouterr().out  # 19 in a row since the accepted one
+    finish(25, [0.0, 0.0])
+    assert "the last 20 groups were rejected" in capsys.readouterr().out
+    assert loop.stats.groups_rejected == 25 and loop.stats.rejected == 50 and loop.stats.finished == 52
