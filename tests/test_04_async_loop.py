@@ -93,7 +93,7 @@ def test_every_refresh_is_checked_and_one_that_did_not_land_stops_the_run(tmp_pa
             return ["1:5"]
 
     loop, learner, *_ = make_loop(sampler=StaleEngine(), updates=3)
-    with pytest.raises(RuntimeError, match="refresh check failed at version 1"):
+    with pytest.raises(RuntimeError, match="^the loop failed:\n(.|\n)*refresh check failed at version 1"):
         loop.run()
     assert len(learner.batches) == 1  # stopped at the first refresh, not after training on old weights
 
@@ -620,7 +620,7 @@ def test_drop_stale_drops_exactly_the_groups_older_than_the_bound(mode, bound):
     versions behind it, counts it and frees it, and trains every other group, in the order they finished."""
     loop, *_ = make_loop(mode=mode, max_staleness=2, batch_groups=3, group_size=1, drop_stale=True)
     loop.version = 5
-    ages = [0, bound, bound + 1, 1 if bound else 0, bound + 3]  # staleness of five groups, in finishing order
+    ages = [0, bound, bound + 1, bound + 2, 1 if bound else 0, bound + 3]  # staleness of six groups, as finished
     for g, age in enumerate(ages):
         loop.store.put(f"e{g}", b"jpeg")
         loop.buffer.put(aloop.Group(g, None, 0, [_traj(g, g, 1.0, [1, 1], [5 - age, 5])]))
@@ -628,9 +628,9 @@ def test_drop_stale_drops_exactly_the_groups_older_than_the_bound(mode, bound):
     watchdog.start()
     fresh = loop._take_fresh_groups()
     watchdog.cancel()
-    assert fresh is not None and [g.id for g in fresh] == [0, 1, 3]  # group 2 (bound + 1) was dropped on the way; group 4 still waits
-    assert loop.stats.groups_dropped == loop.stats.dropped_stale == 1 and not loop.store.keys("e2")
-    assert loop.store.keys("e0") and len(loop.buffer) == 1
+    assert fresh is not None and [g.id for g in fresh] == [0, 1, 4]  # 2 and 3 dropped on the way; 5 still waits
+    assert loop.stats.groups_dropped == loop.stats.dropped_stale == 2 and not loop.store.keys("e2")
+    assert not loop.store.keys("e3") and loop.store.keys("e0") and len(loop.buffer) == 1
 
 
 def test_each_slot_of_a_group_is_admitted_but_a_retried_slot_goes_at_once():
@@ -712,3 +712,17 @@ def test_rejected_groups_are_counted_and_the_stall_count_restarts_after_an_accep
     finish(25, [0.0, 0.0])
     assert "the last 20 groups were rejected" in capsys.readouterr().out
     assert loop.stats.groups_rejected == 25 and loop.stats.rejected == 50 and loop.stats.finished == 52
+
+
+def test_a_failure_of_either_thread_stops_the_loop_with_its_traceback():
+    """The rollout thread's failure (the envs cannot start) and a bad mode are errors that say what went wrong."""
+    class Broken(FakeEnvs):
+        async def start(self):
+            raise OSError("chromium is not installed")
+
+    store = env.ScreenshotStore()
+    loop, *_ = make_loop(store, envs=Broken(store))
+    with pytest.raises(RuntimeError, match="^the loop failed:\n(.|\n)*OSError: chromium is not installed"):
+        loop.run()
+    with pytest.raises(ValueError, match="mode must be 'async' or 'sync', got 'fast'"):
+        make_loop(mode="fast")
