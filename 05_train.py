@@ -27,7 +27,6 @@ import dataclasses
 import json
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ import torch
 
 from asyncwebrl import distributed as dist, load, suites
 from asyncwebrl.configs import UsageError, json_object, model_params, validate
-from asyncwebrl.rundir import Run, progress_bar
+from asyncwebrl.rundir import Run, extra_loggers, progress_bar
 
 env = load("01_env")
 policy_mod = load("02_policy")
@@ -272,33 +271,6 @@ def placement(cfg: TrainConfig, gpus: int | None = None) -> dist.Placement:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The run directory is asyncwebrl/rundir.py; TensorBoard and wandb are optional sinks beside its metrics.jsonl.
-
-
-def extra_loggers(cfg: TrainConfig, run_dir: Path) -> list:
-    """Optional TensorBoard / wandb sinks for the scalar metrics; metrics.jsonl is always written."""
-    sinks = []
-    if cfg.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise UsageError("--tensorboard needs `pip install tensorboard`")
-        writer = SummaryWriter(str(run_dir / "tensorboard"))
-        sinks.append(lambda row: [writer.add_scalar(k, v, row["version"]) for k, v in row.items()
-                                  if isinstance(v, (int, float))] and writer.flush())
-    if cfg.wandb_project:
-        try:
-            import wandb
-        except ImportError:
-            raise UsageError("--wandb-project needs `pip install wandb`")
-        wandb.init(project=cfg.wandb_project, dir=str(run_dir), config=dataclasses.asdict(cfg), resume="allow",
-                   id=run_dir.name)
-        sinks.append(lambda row: wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))},
-                                           step=row["version"]))
-    return sinks
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Training
 
 
@@ -420,39 +392,23 @@ def _free_port() -> int:
 
 
 def warm_start(cfg: TrainConfig) -> TrainConfig:
-    """Behaviour cloning on scripted demonstrations before RL; its model (RUN_DIR/warmstart/model) is the run's
-    version 0, and the config from here on points at it. Done once: a resumed run finds it on disk."""
+    """Behaviour cloning on scripted demonstrations before RL (asyncwebrl/warmstart.py); its model
+    (RUN_DIR/warmstart/model) is the run's version 0, and the config from here on points at it. Done once: a resumed
+    run finds it on disk."""
     folder = Path(cfg.run_dir) / "warmstart" / "model"
     if not (folder / "config.json").is_file():
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UsageError("under torchrun, warm-start first in one process (--warmstart-steps N --updates 0), "
                              "then pass --model RUN_DIR/warmstart/model")
-        from asyncwebrl.warmstart import WarmstartConfig, clone, collect
+        from asyncwebrl.warmstart import WarmstartConfig, warm_start as clone_demonstrations
 
         wcfg = WarmstartConfig(steps=cfg.warmstart_steps, episodes=cfg.warmstart_episodes, workers=cfg.workers,
                                seed=cfg.seed)
-        print(f"warm start: {wcfg.episodes} scripted demonstration episodes, then {wcfg.steps} behaviour-cloning "
-              f"steps of {wcfg.batch} replies")
         torch.manual_seed(cfg.seed)
-        policy, store = policy_mod.Policy(policy_config(cfg, placement(cfg))), env.ScreenshotStore()
-        t0 = time.time()
         try:
-            demos, stats = collect(policy, load_tasks(cfg), wcfg, store)
+            clone_demonstrations(policy_mod.Policy(policy_config(cfg, placement(cfg))), load_tasks(cfg), wcfg, folder)
         except (ValueError, RuntimeError) as e:
             raise UsageError(str(e))
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        t1 = time.time()
-        with open(folder.parent / "log.jsonl", "w") as log:
-            losses = clone(policy, demos, store, wcfg, log=lambda row: log.write(json.dumps(row) + "\n"))
-        tmp = folder.with_suffix(".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        policy.save(tmp)
-        os.replace(tmp, folder)
-        stats.update(loss_first=losses[0], loss_last=losses[-1], steps=wcfg.steps, batch=wcfg.batch, lr=wcfg.lr,
-                     verbose_fraction=wcfg.verbose, collect_s=round(t1 - t0), clone_s=round(time.time() - t1))
-        (folder.parent / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
-        print(f"warm start: {stats['demo_steps']} demonstration steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}; "
-              f"{stats['collect_s'] + stats['clone_s']} s; saved {folder}")
     return dataclasses.replace(cfg, model=str(folder))
 
 
@@ -461,6 +417,8 @@ def train(cfg: TrainConfig) -> Path:
         cfg = warm_start(cfg)
         if cfg.updates == 0:
             Run(cfg).save_config()
+            print(f"done: the warm start alone; results in {cfg.model}; evaluate them with: python 06_eval.py "
+                  f"{cfg.model}")
             return Path(cfg.run_dir)
     place = placement(cfg)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun (one node or several): we are one rank

@@ -1,7 +1,7 @@
 """The run directory of 05_train.py: the config it ran with (and the commit), metrics.jsonl, the logged
 trajectories with their screenshots, and the checkpoints a resume continues from (weights, optimizer state, RNG
 states and the task order; written so that a kill at any moment leaves the previous checkpoint whole), plus the
-progress bar.
+progress bar and the optional TensorBoard / wandb sinks.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from asyncwebrl import ROOT, distributed as dist
+from asyncwebrl.configs import UsageError
 
 
 class Run:
@@ -131,6 +132,29 @@ def git_commit() -> str:
     except OSError:
         return "unknown"
 
+
+
+def extra_loggers(cfg, run_dir: Path) -> list:
+    """Optional TensorBoard / wandb sinks for the scalar metrics; metrics.jsonl is always written."""
+    sinks = []
+    if cfg.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UsageError("--tensorboard needs `pip install tensorboard`")
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
+        sinks.append(lambda row: [writer.add_scalar(k, v, row["version"]) for k, v in row.items()
+                                  if isinstance(v, (int, float))] and writer.flush())
+    if cfg.wandb_project:
+        try:
+            import wandb
+        except ImportError:
+            raise UsageError("--wandb-project needs `pip install wandb`")
+        wandb.init(project=cfg.wandb_project, dir=str(run_dir), config=dataclasses.asdict(cfg), resume="allow",
+                   id=run_dir.name)
+        sinks.append(lambda row: wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))},
+                                           step=row["version"]))
+    return sinks
 
 
 def progress_bar(cfg, start: int):

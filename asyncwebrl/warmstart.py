@@ -11,10 +11,15 @@ figures follow steps and tokens per trajectory over training.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import random
 import re
+import shutil
 import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -144,3 +149,25 @@ def clone(policy, demos: list, store, cfg: WarmstartConfig, log=None) -> list[fl
         if log is not None:
             log(dict(step=step + 1, loss=losses[-1]))
     return losses
+
+
+def warm_start(policy, tasks: list, cfg: WarmstartConfig, folder: Path) -> None:
+    """Collect the demonstrations, clone them into `policy`, save it to `folder` (atomically: written as .tmp, then
+    renamed) with the cloning's loss log and data stats beside it. ValueError or RuntimeError: nothing to learn from."""
+    print(f"warm start: {cfg.episodes} scripted demonstration episodes, then {cfg.steps} behaviour-cloning "
+          f"steps of {cfg.batch} replies")
+    store, t0 = env.ScreenshotStore(), time.time()
+    demos, stats = collect(policy, tasks, cfg, store)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    t1 = time.time()
+    with open(folder.parent / "log.jsonl", "w") as log:
+        losses = clone(policy, demos, store, cfg, log=lambda row: log.write(json.dumps(row) + "\n"))
+    tmp = folder.with_suffix(".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save(tmp)
+    os.replace(tmp, folder)
+    stats.update(loss_first=losses[0], loss_last=losses[-1], steps=cfg.steps, batch=cfg.batch, lr=cfg.lr,
+                 verbose_fraction=cfg.verbose, collect_s=round(t1 - t0), clone_s=round(time.time() - t1))
+    (folder.parent / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+    print(f"warm start: {stats['demo_steps']} demonstration steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}; "
+          f"{stats['collect_s'] + stats['clone_s']} s; saved {folder}")
