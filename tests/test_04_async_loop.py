@@ -374,6 +374,10 @@ def test_timeline_records_every_component():
     comps = {s[0].split("/")[0] for s in loop.timeline.spans}
     kinds = {s[1] for s in loop.timeline.spans}
     assert comps >= {"env", "inference", "trainer"} and kinds >= {"reset", "step", "sample", "train", "refresh", "idle"}
+    # the trainer's train and refresh spans, each labelled with the version it trained from or refreshed to
+    spans = {(c, k): [i.get("version") for c2, k2, _, _, i in loop.timeline.spans if (c2, k2) == (c, k)]
+             for c, k in (("trainer", "train"), ("trainer", "refresh"))}
+    assert spans[("trainer", "train")] == [0, 1, 2] and spans[("trainer", "refresh")] == [1, 2, 3]
     u = loop.timeline.utilisation()
     assert 0 < u["env"] <= 1 and 0 < u["trainer"] <= 1 and 0 < u["inference"] <= 1
 
@@ -395,9 +399,13 @@ def test_real_env_and_tiny_model_runs_in_both_modes_and_write_timelines(tmp_path
 def test_drain_ablation_never_lets_a_refresh_land_mid_episode():
     store = env.ScreenshotStore()
     loop, *_ = make_loop(store, envs=FakeEnvs(store, length=constant(6)), drain=True, updates=5)
-    loop.run()
-    assert all(len(set(t.versions)) == 1 for t in loop.pool.trajectory_log)
-    assert any(s[1] == "drain" for s in loop.timeline.spans)
+    history = loop.run()
+    assert len(history) == 5 and all(len(set(t.versions)) == 1 for t in loop.pool.trajectory_log)
+    drains = [(a, b) for c, k, a, b, _ in loop.timeline.spans if (c, k) == ("trainer", "drain")]
+    resets = [a for c, k, a, b, _ in loop.timeline.spans if c.startswith("env/") and k == "reset"]
+    # no episode starts during a drain, but the one whose slot was taken as the drain began (one at most: the event
+    # loop runs one worker at a time between the admission check and the reset)
+    assert len(drains) == 5 and sum(a < r < b for a, b in drains for r in resets) <= len(drains)
 
 
 def test_by_value_ablation_carries_the_bytes_and_trains_from_them():
@@ -726,3 +734,19 @@ def test_a_failure_of_either_thread_stops_the_loop_with_its_traceback():
         loop.run()
     with pytest.raises(ValueError, match="mode must be 'async' or 'sync', got 'fast'"):
         make_loop(mode="fast")
+
+
+def test_every_update_row_has_its_timing_its_counters_and_reaches_on_update_with_its_groups():
+    """The trainer thread's own part of a metrics row (fig. 1's samples/s, the ledger's counters) and what it hands
+    to on_update (logging, checkpoints): the groups just trained, in the order trained."""
+    handed = []
+    loop, learner, *_ = make_loop(updates=4)
+    loop.on_update = lambda m, groups: handed.append([t.id for g in groups for t in g.trajectories])
+    history = loop.run()
+    assert [m["version"] for m in history] == [1, 2, 3, 4]
+    times = [m["time_s"] for m in history]
+    assert times == sorted(times) and all(m["update_s"] > 0 for m in history)
+    assert sum(m["update_s"] for m in history) <= times[-1] + 1e-6  # the updates' durations tile the run
+    assert all(m["samples_per_s"] == pytest.approx(m["samples"] / m["update_s"]) for m in history)
+    assert history[-1]["trained"] == loop.stats.trained == 4 * 2 * 2 and history[-1]["groups_trained"] == 4 * 2
+    assert loop.trained_ids == [i for ids in handed for i in ids] and len(loop.trained_ids) == loop.stats.trained
