@@ -750,3 +750,54 @@ def test_every_update_row_has_its_timing_its_counters_and_reaches_on_update_with
     assert all(m["samples_per_s"] == pytest.approx(m["samples"] / m["update_s"]) for m in history)
     assert history[-1]["trained"] == loop.stats.trained == 4 * 2 * 2 and history[-1]["groups_trained"] == 4 * 2
     assert loop.trained_ids == [i for ids in handed for i in ids] and len(loop.trained_ids) == loop.stats.trained
+
+
+def test_an_episode_acts_on_what_the_model_wrote_and_records_it():
+    """Each step: the sampler sees the agent's state (memory so far), a valid reply reaches the env as its Action, an
+    invalid one as its raw text and a truncated one as nothing (the env reports it, the step is spent), and the
+    trajectory records the reply's error, its task, seed and times. Replies cycle: valid, unknown action, truncated."""
+    replies = [("Memory: a\nAction: click(#0)", False), ("Memory: b\nAction: jump(#1)", False),
+               ("Memory: c\nAction: click(#0)", True)]
+
+    class Scripted(FakeSampler):
+        def __init__(self):
+            super().__init__()
+            self.memories, self.n = [], 0
+
+        def turn(self, obs, state):
+            self.memories.append(state.memory)
+            return super().turn(obs, state)
+
+        def sample(self, turns, store):
+            out = []
+            for s in super().sample(turns, store):
+                text, truncated = replies[self.n % 3]
+                self.n += 1
+                out.append(pol_mod.Sample(text, s.token_ids, s.logprobs, s.version, truncated))
+            return out
+
+    class Recording(FakeEnvs):
+        def slot(self, i):
+            s = super().slot(i)
+            real, s.sent = s.step, []
+
+            async def step(action):
+                s.sent.append(action)
+                return await real(action)
+
+            s.step = step
+            return s
+
+    store = env.ScreenshotStore()
+    envs, sampler = Recording(store, length=constant(3)), Scripted()
+    loop, *_ = make_loop(store, envs=envs, sampler=sampler, updates=2, workers=1, group_size=2, batch_groups=1,
+                         dynamic_sampling=False)
+    loop.run()
+    sent = [a for s in envs.slots for a in s.sent]
+    assert sent[:3] == [env.Action("click", mark=0), "jump(#1)", ""] and len(sent) >= 6  # truncated: nothing to act on
+    first = loop.pool.trajectory_log[0]
+    assert [s.action_error for s in first.steps] == [None, "unknown_action", "truncated"]
+    assert sampler.memories[:3] == ["", "a", "a"]  # the memory of a valid reply is kept; an invalid one's is not
+    for t in loop.pool.trajectory_log:  # the task and the seed its env was reset with
+        assert (t.episode, t.task, t.seed) in envs.reset_log and 0 < t.t_start <= t.t_end
+    assert len(loop.pool.trajectory_log) <= loop.stats.started <= len(loop.pool.trajectory_log) + 1  # + one cut short
