@@ -230,12 +230,14 @@ def test_back_pressure_bounds_the_work_in_memory_when_the_trainer_is_slow():
     assert loop.stats.started <= (c.max_staleness + 1 + c.updates) * batch  # not one episode per idle tick
 
 
-def test_a_worker_whose_env_raises_is_restarted_and_the_pool_keeps_its_size():
+def test_a_worker_whose_env_raises_is_restarted_and_the_pool_keeps_its_size(capsys):
     store = env.ScreenshotStore()
     envs = FakeEnvs(store, fail_every=5)
     loop, *_ = make_loop(store, envs=envs, updates=5, workers=4, slot_retries=3)
     loop.run()
     assert loop.stats.env_errors > 0 and loop.stats.trained == 5 * 4
+    said = [line for line in capsys.readouterr().out.splitlines() if "restarting its env slot" in line]
+    assert len(said) == loop.stats.env_errors and all("failed (RuntimeError: scripted env failure)" in x for x in said)
     assert len(envs.slots) == 4 + loop.stats.env_errors  # each failure: that worker's slot replaced, no more
     assert all(s.closed for s in envs.slots)
 
