@@ -800,6 +800,25 @@ def test_an_episode_acts_on_what_the_model_wrote_and_records_it():
     first = loop.pool.trajectory_log[0]
     assert [s.action_error for s in first.steps] == [None, "unknown_action", "truncated"]
     assert sampler.memories[:3] == ["", "a", "a"]  # the memory of a valid reply is kept; an invalid one's is not
-    for t in loop.pool.trajectory_log:  # the task and the seed its env was reset with
-        assert (t.episode, t.task, t.seed) in envs.reset_log and 0 < t.t_start <= t.t_end
+    for t in loop.pool.trajectory_log:  # the task and the seed its env was reset with, and why it ended
+        assert (t.episode, t.task, t.seed) in envs.reset_log and 0 < t.t_start <= t.t_end and t.end == "task_done"
     assert len(loop.pool.trajectory_log) <= loop.stats.started <= len(loop.pool.trajectory_log) + 1  # + one cut short
+
+
+def test_a_worker_that_dies_anyway_is_replaced_and_says_so(capsys):
+    """A failure outside the episode (here: handing a finished trajectory to its group, once) kills its worker; the
+    pool replaces it, says so, and training goes on to the end."""
+    loop, *_ = make_loop(updates=3, workers=4)
+    finish, failed = loop.pool._finish, []
+
+    def finish_or_fail_once(group, traj):
+        if not failed:
+            failed.append(traj.id)
+            raise RuntimeError("bookkeeping bug")
+        return finish(group, traj)
+
+    loop.pool._finish = finish_or_fail_once
+    history = loop.run()
+    assert len(history) == 3 and failed
+    died = [line for line in capsys.readouterr().out.splitlines() if " died: " in line]
+    assert len(died) == 1 and "RuntimeError('bookkeeping bug')" in died[0] and died[0].endswith("; replaced")
