@@ -439,6 +439,7 @@ def main(argv=None):
         suites.miniwob_tasks(names=[args.task])
     except ValueError as e:
         parser.error(str(e))
+    quiet_libraries()
     cfg = PolicyConfig(model=args.model, constrained=False if args.unconstrained else None)
     obs, store = asyncio.run(_observe(args.task, args.seed))
     torch.manual_seed(args.seed)

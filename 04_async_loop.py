@@ -555,6 +555,7 @@ def main(argv=None):
         suites.miniwob_tasks(names=args.tasks)
     except ValueError as e:
         parser.error(str(e))
+    policy_mod.quiet_libraries()
     for mode in args.modes:  # dynamic sampling off: the demo is about the loop, not learning
         print(json.dumps(real_run(mode, args.updates, args.tasks, args.out, dynamic_sampling=False)))
 
