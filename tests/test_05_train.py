@@ -442,3 +442,39 @@ def test_a_checkpoint_restores_the_whole_training_state(tiny_dir, tmp_path):
     assert torch.equal(torch.get_rng_state(), saved["torch_rng"]) and random.getstate() == saved["python_rng"]
     assert fresh_pool.rng.getstate() == saved["task_rng"] and [t.id for t in fresh_pool.order] == saved["order"]
     assert ckpt.name == "v0003" and not list(tmp_path.glob("checkpoints/*.tmp"))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(FLAGS), VALUES), max_size=3), st.sampled_from([[], ["--repeats", "2"],
+       ["--repeats", "0"], ["--repeats", "x"], ["--repeats"]]))
+def test_the_throughput_benchmark_command_line_runs_or_is_refused_in_one_line(flags, repeats):
+    """`python -m experiments.compare_sync` takes 05's flags and --repeats: any such command line either reaches the
+    benchmark with a config that passes validation and a repeat count of at least 1, or exits with status 2 and one
+    error line (the benchmark itself is stubbed: it would run minutes)."""
+    import contextlib
+    import io
+
+    from experiments import compare_sync
+
+    ran, real = [], compare_sync.compare_sync
+    compare_sync.compare_sync = lambda cfg, repeats: ran.append((cfg, repeats))
+    argv = list(repeats)
+    for f, value in flags:
+        flag = "--" + f.name.replace("_", "-")
+        argv += [flag if value in ("0", "1") else "--no-" + flag[2:]] if f.type == "bool" else [flag, value]
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        try:
+            rc = compare_sync.main(argv)
+        except SystemExit as e:
+            rc = e.code
+        finally:
+            compare_sync.compare_sync = real
+    assert rc in (0, 2), (argv, err.getvalue())
+    if rc == 0:
+        (cfg, n), = ran
+        train.validate(cfg)
+        assert n >= 1
+    else:
+        said = err.getvalue()
+        assert not ran and "Traceback" not in said and said.strip().splitlines()[-1].count("error") == 1
