@@ -21,7 +21,6 @@ and the page-reading JavaScript (asyncwebrl/browser.py).
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import hashlib
@@ -29,10 +28,9 @@ import json
 import re
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from urllib.parse import urldefrag, urljoin
 
-from asyncwebrl.browser import CAN_GO_BACK_JS, OBSERVE_JS, START_JS, Browser, EnvConfig, PageSlot, TaskServer
+from asyncwebrl.browser import CAN_GO_BACK_JS, START_JS, Browser, EnvConfig, PageSlot, TaskServer
 from asyncwebrl.judge import JUDGES
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -249,6 +247,13 @@ class StepResult:
     info: dict = field(default_factory=dict)  # end reason, raw page reward, parse errors ...
 
 
+# Why an episode ended (info["end"]). The agent's doing: it finished the task, answered, ran out of steps, or chose
+# an action that left the task's sites; these are rewards. The environment's or the judge's (a step that hung, a
+# crashed renderer, a page error, a dead browser, a judge that failed): not the agent's, so 04 never trains them.
+AGENT_ENDS = frozenset({"task_done", "answer", "max_steps", "blocked_navigation"})
+FAULT_ENDS = frozenset({"timeout", "page_crashed", "page_error", "browser_died", "judge_error"})
+
+
 class EpisodeEnd(Exception):
     """Internal: the page can no longer be used for this episode (crash, hang, forbidden navigation)."""
 
@@ -288,14 +293,7 @@ class BrowserEnv(PageSlot):
                     raise RuntimeError(f"cannot start {task.id}: {type(e).__name__}: {e}") from e
 
     async def _start(self, task: Task, seed: int) -> Observation:
-        url = urljoin(self.base, task.url)
-        if not self._usable():
-            await self._new_page()
-        w, h = self._viewport()
-        if self._page.viewport_size != {"width": w, "height": h}:
-            await self._page.set_viewport_size({"width": w, "height": h})
-        if self._page.url != url:
-            await self._page.goto(url)
+        await self._open(urljoin(self.base, task.url))  # the page, reused if it is usable (asyncwebrl/browser.py)
         # a reused page keeps the history of earlier episodes (other tasks too): remember where this one starts
         self._first_entry = await self._page.evaluate(START_JS, [seed if task.judge == "miniwob" else None])
         self.goal = task.goal
@@ -303,16 +301,8 @@ class BrowserEnv(PageSlot):
         return self.last_obs
 
     async def _observe(self, error: str | None = None) -> tuple[Observation, dict | None]:
-        """The screenshot and one round trip for the task status and the element marks, sent together: a
-        screenshot waits for the next compositor frame (~30 ms here) and the DOM read runs inside that wait."""
-        clip = self._clip()
-        state, shot = await asyncio.gather(
-            self._page.evaluate(OBSERVE_JS, [list(clip), self.config.max_elements]),
-            self._page.screenshot(type="jpeg", quality=self.config.jpeg_quality,
-                                  clip=dict(zip(("x", "y", "width", "height"), clip))), return_exceptions=True)
-        for failed in (state, shot):  # wait for both before raising: no request is left running behind us
-            if isinstance(failed, BaseException):
-                raise failed
+        """The screenshot (JPEG bytes, into the store) with the task status and the element marks, read together."""
+        state, shot = await self._read()
         status = state["status"] if self.task.judge == "miniwob" else None
         if status:
             self.goal = status["goal"]
@@ -409,7 +399,7 @@ class BrowserEnv(PageSlot):
                 reward = float(await asyncio.to_thread(JUDGES[self.task.judge], self.task, self._answer, shots))
             except Exception as e:  # an unreachable or babbling judge fails this episode, not the run
                 info.update(end="judge_error", judge_error=f"{type(e).__name__}: {e}")
-        if reason in ("timeout", "page_crashed", "blocked_navigation", "page_error", "browser_died"):
+        if reason in FAULT_ENDS or reason == "blocked_navigation":
             await self._drop_page()  # never reuse a page that hung, crashed or left the allowed sites
         obs = self.last_obs or Observation(self.goal, "", None)  # after a crash: the last good observation
         return StepResult(dataclasses.replace(obs, step=self.t), reward or 0.0, True, info)
@@ -437,29 +427,10 @@ class BrowserEnvs:
 # ----------------------------------------------------------------------------------------------------------------
 # Demo: `python 01_env.py` (asyncwebrl/oracle.py: the scripted solvers read the same observation a model gets).
 
-DEMO_TASKS = ["click-button", "enter-text", "login-user", "click-checkboxes", "click-tab"]
-
-
 def main(argv=None):
-    from asyncwebrl.suites import miniwob_tasks
+    from asyncwebrl.oracle import main as demo  # the scripted solvers and the screenshot strip live there
 
-    parser = argparse.ArgumentParser(description="01_env: a scripted and a random agent play MiniWoB++ tasks in "
-                                                 "headless chromium. The environment benchmark is "
-                                                 "`python -m experiments.env_bench`.")
-    parser.add_argument("--tasks", nargs="+", default=DEMO_TASKS, metavar="NAME",
-                        help=f"MiniWoB++ task names (default: {' '.join(DEMO_TASKS)})")
-    parser.add_argument("--episodes", type=int, default=1, help="episodes per task and agent (default: 1)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first episode (default: 0)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "figures",
-                        help="where the screenshot strip goes (default: figures/)")
-    args = parser.parse_args(argv)
-    try:
-        miniwob_tasks(names=args.tasks)
-    except ValueError as e:
-        parser.error(str(e))
-    from asyncwebrl.oracle import demo
-
-    asyncio.run(demo(args.tasks, args.episodes, args.out, args.seed))
+    demo(argv)
 
 
 if __name__ == "__main__":

@@ -33,31 +33,37 @@ The synchronous baseline is the same code with `mode="sync"`: no episode starts 
 trainer's current weights, and exactly B accepted groups are rolled out per version (rollout all -> train ->
 refresh), so the pool idles while the trainer works and the trainer idles while the slowest episode finishes.
 
+Faults are not rewards: an episode ended by the environment or the judge (a hung or crashed page, a dead browser,
+a failed judge: 01.FAULT_ENDS) never reaches a group; its slot runs again (asyncwebrl/faults.py), and the ledger
+counts it under its end reason.
+
 Run `python 04_async_loop.py` for a short async run and a short sync run with the real browser and the tiny model.
-In the package: the learner the trainer thread calls (asyncwebrl/learner.py: pi_prox, minibatches, 03's loss), the
-batched inference of the transformers sampler (batching.py), the per-update metrics (metrics.py) and the Timeline
-of timed spans behind utilisation and the Gantt figure (timeline.py). Changed from the released code: threads in
-one process instead of separate services (the CPU pipeline; 05_train.py places the engine and the trainer on their
-own GPUs), and no stale-group drop unless asked (above).
+In the package: the records that flow from pool to trainer and the ledger's counters (asyncwebrl/records.py), what a
+worker does on a fault (faults.py), the learner the trainer thread calls (learner.py: pi_prox, minibatches, 03's
+loss), the batched inference of the transformers sampler (batching.py), the per-update metrics (metrics.py) and the
+Timeline of timed spans behind utilisation and the Gantt figure (timeline.py). Changed from the released code:
+threads in one process instead of separate services (the CPU pipeline; 05_train.py places the engine and the
+trainer on their own GPUs), and no stale-group drop unless asked (above).
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import itertools
-import json
 import random
 import shutil
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from asyncwebrl import load, suites, weights
+from asyncwebrl import faults, load, weights
 from asyncwebrl.batching import Batcher
+from asyncwebrl.faults import EpisodeFault
 from asyncwebrl.learner import Learner, LearnerConfig, StepImages, by_value  # noqa: F401 (tests, 05 use them)
 from asyncwebrl.metrics import batch_metrics, rollout_metrics
+from asyncwebrl.records import Group, Stats, Step, Trajectory, free_group
 from asyncwebrl.timeline import Timeline
 
 env = load("01_env")
@@ -82,47 +88,6 @@ class LoopConfig:
     screenshots_by_value: bool = False  # no lightweight screenshots: groups carry the bytes, serialised (pickled)
     weights_dir: str = ""  # where each refresh's weight files go (asyncwebrl/weights.py); "" = a fresh RAM folder
     seed: int = 0  # seeds the task order and the task instances (MiniWoB++ seeds)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Records: what flows from the pool to the trainer. Screenshots are keys into the store, never bytes.
-
-
-@dataclass
-class Step:
-    turn: object  # 02.Turn: prompt text + screenshot keys + number of marks
-    sample: object  # 02.Sample: token ids, behaviour log-probs, policy version
-    action_error: str | None  # why the reply was not a valid action (None: it was)
-    image_bytes: dict | None = None  # only in the by-value ablation: key -> the screenshot's bytes
-
-
-@dataclass
-class Trajectory:
-    id: int
-    group: int
-    task: str
-    seed: int
-    episode: str  # ScreenshotStore episode name
-    steps: list[Step] = field(default_factory=list)
-    reward: float = 0.0
-    end: str = ""
-    t_start: float = 0.0
-    t_end: float = 0.0
-
-    @property
-    def versions(self) -> list[int]:
-        return [s.sample.version for s in self.steps]
-
-
-@dataclass
-class Group:
-    id: int
-    task: object  # 01.Task
-    seed: int
-    trajectories: list[Trajectory] = field(default_factory=list)
-
-    def staleness(self, version: int) -> int:
-        return version - min(v for t in self.trajectories for v in t.versions)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -153,27 +118,6 @@ class GroupBuffer:
     def __len__(self) -> int:
         with self._cond:
             return len(self._groups)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Counters: every trajectory ends in exactly one of these (the "nothing lost, nothing trained twice" ledger).
-
-
-@dataclass
-class Stats:
-    started: int = 0  # episodes begun (a crashed one is begun again in the same slot)
-    finished: int = 0  # trajectories completed
-    trained: int = 0
-    rejected: int = 0  # in groups with all-equal rewards (dynamic sampling)
-    dropped_stale: int = 0  # in groups older than max_staleness at consumption (drop_stale only)
-    abandoned: int = 0  # in groups given up after an env kept raising
-    env_errors: int = 0  # episodes whose env raised (the worker restarted with a fresh env slot)
-    groups_rejected: int = 0
-    groups_dropped: int = 0
-    groups_trained: int = 0
-    inference_calls: int = 0
-    inference_replies: int = 0
-    refreshes_checked: int = 0  # weight refreshes whose engine digest matched the trainer's
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -252,25 +196,18 @@ class RolloutPool:
                 self.stats.started += 1
                 try:
                     traj = await self._episode(i, slot_env, group, j)
-                except asyncio.CancelledError:
+                except asyncio.CancelledError:  # the loop stopped mid-episode
+                    self.stats.cut += 1
                     raise
-                except Exception as e:  # the env (or the sampler) raised: a fresh env slot, the episode runs again
-                    self.stats.env_errors += 1
-                    print(f"[pool] worker {i}: episode of {group.task.id} failed ({type(e).__name__}: {e}); "
-                          f"restarting its env slot", flush=True)
-                    await _quiet_close(slot_env)
-                    slot_env = self.envs.slot(i)
-                    if retries + 1 < self.cfg.slot_retries:
-                        self.slots.appendleft((group, j, retries + 1))
-                    else:
-                        self._abandon(group)
+                except Exception as e:  # the environment's or the judge's fault, not the agent's: never trained
+                    slot_env = await faults.on_fault(self, i, slot_env, slot, e)  # run the slot again (or give up)
                     continue
                 finally:
                     self.in_flight -= 1
                     self.wake()
                 self._finish(group, traj)
         finally:
-            await _quiet_close(slot_env)
+            await faults.quiet_close(slot_env)
 
     async def _episode(self, i: int, slot_env, group: Group, j: int) -> Trajectory:
         traj = Trajectory(next(self.traj_ids), group.id, group.task.id, group.seed,
@@ -290,6 +227,8 @@ class RolloutPool:
                 obs = result.obs
                 if result.done:
                     traj.reward, traj.end, traj.t_end = result.reward, result.info.get("end", ""), time.perf_counter()
+                    if traj.end in env.FAULT_ENDS:
+                        raise EpisodeFault(traj.end, result.info)
                     return traj
         except BaseException:
             self.store.free(traj.episode)
@@ -311,28 +250,11 @@ class RolloutPool:
             self.stats.groups_rejected += 1
             self.stats.rejected += len(group.trajectories)
             free_group(self.store, group)
-            self._warn_if_stalled(rewards.pop())
+            faults.warn_if_stalled(self, rewards.pop())
             return
         self.rejected_in_a_row = 0
         self.accepted += len(group.trajectories)
         self.buffer.put(by_value(group, self.store) if self.cfg.screenshots_by_value else group)
-
-    def _warn_if_stalled(self, reward: float) -> None:
-        """A policy that has become deterministic (e.g. a learning rate too high) writes the same reply G times, so
-        every group has equal rewards, dynamic sampling rejects them all and no update forms: say so, and again at
-        every doubling, instead of a progress bar that silently stops."""
-        self.rejected_in_a_row += 1
-        n, first = self.rejected_in_a_row, max(20, 10 * self.cfg.batch_groups)
-        if n == first or (n > first and n & (n - 1) == 0):  # then at each power of two
-            print(f"[pool] the last {n} groups were rejected (each with equal rewards; the last one all {reward:g}): "
-                  f"no update can form. The policy may have stopped exploring (try a lower --lr) or the tasks are "
-                  f"solved or unsolvable for it; --no-dynamic-sampling trains on such groups anyway", flush=True)
-
-    def _abandon(self, group: Group) -> None:
-        if self.open.pop(group.id, None) is not None:
-            self.stats.abandoned += len(group.trajectories)
-            free_group(self.store, group)
-            self.slots = collections.deque(s for s in self.slots if s[0].id != group.id)
 
     # -- inference: one request per episode step ------------------------------------------------------------------
     async def _infer(self, turn):
@@ -354,10 +276,7 @@ class RolloutPool:
         server = asyncio.create_task(self.batcher.serve())
         try:
             while not stop.is_set():
-                for k, t in enumerate(tasks):  # a worker that died anyway is replaced: the pool keeps its size
-                    if t.done() and not t.cancelled() and t.exception() is not None:
-                        print(f"[pool] worker {k} died: {t.exception()!r}; replaced", flush=True)
-                        tasks[k] = asyncio.create_task(self._worker(k))
+                faults.replace_dead(tasks, self._worker)
                 await asyncio.sleep(0.02)
         finally:
             self.stopping = True
@@ -368,18 +287,6 @@ class RolloutPool:
             await self.envs.close()
             if hasattr(self.sampler, "close"):
                 self.sampler.close()
-
-
-async def _quiet_close(slot_env) -> None:
-    try:
-        await slot_env.close()
-    except Exception:
-        pass
-
-
-def free_group(store, group: Group) -> None:
-    for t in group.trajectories:
-        store.free(t.episode)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -449,7 +356,7 @@ class Loop:
                 self.pool.wake()
                 now = time.perf_counter()
                 metrics.update(version=self.version, update_s=now - t_last, time_s=now - self.timeline.t0,
-                               samples_per_s=metrics["samples"] / (now - t_last), **self.stats.__dict__)
+                               samples_per_s=metrics["samples"] / (now - t_last), **self.stats.row())
                 finished = self.pool.trajectory_log[seen:]  # the rollout thread only appends
                 metrics.update(rollout_metrics(finished))
                 t_last, seen = now, seen + len(finished)
@@ -503,61 +410,21 @@ class Loop:
         return self.history
 
     def ledger(self) -> dict:
-        """Where every finished trajectory went. leftover = waiting in the buffer or in an unfinished group."""
+        """Where every episode went: started = finished + faults + cut (by the stop) + running; every finished one is
+        trained, rejected, dropped, abandoned or left over (waiting in the buffer or in an unfinished group)."""
         s = self.stats
         leftover = s.finished - s.trained - s.rejected - s.dropped_stale - s.abandoned
-        return dict(finished=s.finished, trained=s.trained, rejected=s.rejected, dropped_stale=s.dropped_stale,
-                    abandoned=s.abandoned, leftover=leftover,
+        return dict(started=s.started, finished=s.finished, faults=s.faults, cut=s.cut, running=self.pool.in_flight,
+                    trained=s.trained, rejected=s.rejected, dropped_stale=s.dropped_stale, abandoned=s.abandoned,
+                    leftover=leftover, faults_by_end=dict(s.faults_by_end),
                     in_buffer=sum(len(g.trajectories) for g in list(self.buffer._groups)),
                     in_open_groups=sum(len(g.trajectories) for g in self.pool.open.values()))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Demo: `python 04_async_loop.py` runs a short async run, then a short sync run, with the real env and the tiny model.
-
-
-def real_run(mode: str, updates: int, tasks: list[str], out: Path, max_steps: int | None = None, **loop_cfg) -> dict:
-    """A short run; writes out/timeline_<mode>.jsonl and returns a summary (throughput, utilisation, ledger)."""
-    import dataclasses
-
-    store, pcfg = env.ScreenshotStore(), policy_mod.PolicyConfig()
-    tasks = [dataclasses.replace(t, max_steps=max_steps or t.max_steps) for t in suites.miniwob_tasks(names=tasks)]
-    policy, sampler = policy_mod.Policy(pcfg), policy_mod.HFSampler(pcfg)  # same files: same initial weights
-    loop = Loop(LoopConfig(mode=mode, updates=updates, **loop_cfg), env.BrowserEnvs(store), sampler,
-                Learner(policy, store), tasks, store,
-                on_update=lambda m, groups: print(f"[{mode}] update {m['version']}: success {m['success']:.2f}, "
-                                                  f"{m['samples']} samples in {m['update_s']:.1f}s, staleness max "
-                                                  f"{m['staleness_max']}", flush=True))
-    t0 = time.perf_counter()
-    loop.run()
-    wall = time.perf_counter() - t0
-    out.mkdir(parents=True, exist_ok=True)
-    loop.timeline.dump(out / f"timeline_{mode}.jsonl")
-    samples = sum(m["samples"] for m in loop.history)
-    return dict(mode=mode, wall_s=round(wall, 2), updates=len(loop.history), samples=samples,
-                samples_per_s=round(samples / wall, 3), utilisation=loop.timeline.utilisation(wall),
-                ledger=loop.ledger())
-
-
 def main(argv=None):
-    import argparse
+    from experiments.loop_demo import main as demo  # the demo drives the whole loop: it lives with the scripts
 
-    parser = argparse.ArgumentParser(description="04_async_loop: a short async run and a short sync run with the "
-                                                 "real browser env and the tiny model; writes their timelines.")
-    parser.add_argument("--updates", type=int, default=3, help="updates per run (default: 3)")
-    parser.add_argument("--tasks", nargs="+", default=["click-button", "click-link", "click-dialog"],
-                        metavar="NAME", help="MiniWoB++ tasks (default: click-button click-link click-dialog)")
-    parser.add_argument("--modes", nargs="+", default=["async", "sync"], choices=["async", "sync"],
-                        help="which pipelines to run (default: both)")
-    parser.add_argument("--out", type=Path, default=Path("runs/04_demo"), help="default: runs/04_demo")
-    args = parser.parse_args(argv)
-    try:
-        suites.miniwob_tasks(names=args.tasks)
-    except ValueError as e:
-        parser.error(str(e))
-    policy_mod.quiet_libraries()
-    for mode in args.modes:  # dynamic sampling off: the demo is about the loop, not learning
-        print(json.dumps(real_run(mode, args.updates, args.tasks, args.out, dynamic_sampling=False)))
+    demo(argv)
 
 
 if __name__ == "__main__":

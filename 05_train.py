@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from asyncwebrl import distributed as dist, load, suites
-from asyncwebrl.configs import UsageError, json_object, model_params, validate
+from asyncwebrl import distributed as dist, load
+from asyncwebrl.configs import UsageError, check_placement, json_object, load_tasks, validate
 from asyncwebrl.rundir import Run, extra_loggers, progress_bar
 
 env = load("01_env")
@@ -193,66 +193,11 @@ def resolve(argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:
 
 
 def check(cfg: TrainConfig, dry_run: bool = False) -> None:
-    """Every bad input found before anything starts, each as one clear sentence. A dry run plans for GPUs this
-    machine may not have."""
-    validate(cfg)
-    if cfg.updates == 0 and cfg.warmstart_steps <= 0:
-        raise UsageError("--updates must be at least 1 (0 only with --warmstart-steps: a warm start alone)")
-    if cfg.judge == "chat" and not (cfg.judge_url and cfg.judge_model):
-        raise UsageError("--judge chat needs --judge-url and --judge-model")
-    model = Path(cfg.model)
-    if not dry_run and not model.exists() and model.resolve() != policy_mod.TINY_MODEL_DIR.resolve():
-        if cfg.model.startswith((".", "/", "~")) or os.environ.get("HF_HUB_OFFLINE") == "1" or model.suffix:
-            raise UsageError(f"--model {cfg.model}: no such directory (and not a hub name that can be fetched)")
-    tiny = model.resolve() == policy_mod.TINY_MODEL_DIR.resolve()  # built on first use
-    if model.exists() and not (model / "config.json").is_file() and not tiny:
-        raise UsageError(f"--model {cfg.model}: not a model directory (no config.json in it)")
-    import importlib.util
-
-    for flag, wanted, package in (("--tensorboard", cfg.tensorboard, "tensorboard"),
-                                  ("--wandb-project", cfg.wandb_project, "wandb")):
-        if wanted and importlib.util.find_spec(package) is None:
-            raise UsageError(f"{flag} needs `pip install {package}`")
-    visible = torch.cuda.device_count()
-    if cfg.gpus > visible and not dry_run:
-        raise UsageError(f"--gpus {cfg.gpus}: this machine has {visible} GPU(s)")
-    place = placement(cfg, cfg.gpus if dry_run and cfg.gpus >= 0 else None)
-    if place.nodes > 1 and not cfg.weights_dir:
-        raise UsageError(f"--nodes {place.nodes}: pass --weights-dir, a folder every node sees (the engines on the "
-                         f"other nodes read each refresh's weights from it)")
-    if place.shared and cfg.engine == "vllm" and not dry_run and not tiny:
-        params, memory = model_params(cfg.model), torch.cuda.get_device_properties(0).total_memory
-        if not dist.fits_one_gpu(params, memory, cfg.gpu_memory_utilization):
-            size = f"{params / 1e9:.1f}B" if params >= 1e8 else f"{params / 1e6:.1f}M"
-            raise UsageError(f"--gpus 1: training {size} parameters (fp32 weights, gradients and AdamW: "
-                             f"~{16 * params / 2**30:.0f} GiB) does not fit beside the engine's "
-                             f"{cfg.gpu_memory_utilization:.0%} of {memory / 2**30:.0f} GiB; use --gpus 2 or more")
-    tasks = load_tasks(cfg)
-    if cfg.warmstart_steps > 0:
-        from asyncwebrl.oracle import SOLVABLE
-
-        if not any(t.id.split("/")[-1] in SOLVABLE for t in tasks):
-            raise UsageError(f"--warmstart-steps: no task with a scripted solver among --tasks (solvers exist for: "
-                             f"{', '.join(SOLVABLE)})")
-
-
-def load_tasks(cfg: TrainConfig) -> list:
-    try:
-        if cfg.task_file:
-            if cfg.judge == "chat":
-                from asyncwebrl.judge import ChatJudge
-
-                env.JUDGES["chat"] = ChatJudge(cfg.judge_url, cfg.judge_model, os.environ.get("OPENAI_API_KEY", ""))
-            tasks = suites.load_webgym_tasks(cfg.task_file, split=cfg.split, judge=cfg.judge,
-                                          strict=cfg.task_file_strict)
-        else:
-            names = None if cfg.tasks == "all" else [n.strip() for n in cfg.tasks.split(",") if n.strip()]
-            tasks = suites.miniwob_tasks(split=cfg.split if names is None else None, names=names)
-    except (suites.TaskFileError, ValueError, OSError) as e:
-        raise UsageError(str(e))
-    if not tasks:
-        raise UsageError(f"no tasks selected (tasks={cfg.tasks!r}, split={cfg.split!r})")
-    return [dataclasses.replace(t, max_steps=cfg.max_steps) for t in tasks] if cfg.max_steps else tasks
+    """Every bad input found before anything starts, each as one clear sentence (asyncwebrl/configs.py). A dry run
+    plans for GPUs this machine may not have."""
+    validate(cfg, dry_run)
+    check_placement(cfg, placement(cfg, cfg.gpus if dry_run and cfg.gpus >= 0 else None), dry_run)
+    load_tasks(cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -284,14 +229,9 @@ def policy_config(cfg: TrainConfig, place: dist.Placement, model: str | None = N
 
 
 def engine_config(cfg: TrainConfig, place: dist.Placement):
-    """The vLLM engine's settings: a replica per rollout GPU of every node (asyncwebrl/vllm_engine.py)."""
-    from asyncwebrl.vllm_engine import EngineConfig
+    from asyncwebrl.vllm_engine import EngineConfig  # a replica per rollout GPU of every node
 
-    head = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    return EngineConfig(replicas=max(1, place.replicas), replicas_local=max(1, place.rollout), address=head,
-                        rpc_port=int(os.environ.get("MASTER_PORT", "29500")) + 1, seed=cfg.seed,
-                        max_model_len=cfg.max_model_len, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                        enforce_eager=cfg.enforce_eager)
+    return EngineConfig.of_run(cfg, place)
 
 
 def build(cfg: TrainConfig, pcfg, store, tasks: list, version: int = 0, world: int = 1, place=None,
@@ -340,55 +280,25 @@ def _rank_main(rank: int, cfg: TrainConfig, place: dist.Placement, port: int) ->
 
 
 def _rank(cfg: TrainConfig, place: dist.Placement, rank: int, world: int, local_rank: int, port: int | None) -> None:
-    """One trainer process. Rank 0 also runs the rollout side and the loop; the others follow. On nodes 1+, local
-    rank 0 also starts the node's headless vLLM replicas (rank 0's engine drives them)."""
-    import torch.distributed as tdist
-
+    """One trainer process (asyncwebrl/distributed.py): rank 0 runs the pipeline; the others build their shard of
+    the learner as rank 0 does (from the latest checkpoint, if any) and follow its updates."""
     policy_mod.quiet_libraries()  # each rank loads the model: no loading bars across the run's progress
-    torch.set_num_threads(max(1, torch.get_num_threads() // max(1, place.trainer)))
-    dist.init(rank, world, port, place.trainer_device(local_rank), cfg.dist_timeout_min * 60)
-    replicas = None
-    try:
-        if rank == 0:
-            _train(cfg, place, rank, world)
-        else:
-            if local_rank == 0 and place.nodes > 1 and place.gpus > 1:
-                from asyncwebrl.vllm_engine import start_headless
 
-                replicas = start_headless(policy_config(cfg, place), engine_config(cfg, place), rank // place.trainer)
-            ckpt = Run(cfg).latest_checkpoint()
-            model = str(ckpt / "model") if ckpt is not None else None
-            _, learner = make_learner(cfg, policy_config(cfg, place, model, local_rank), None, rank, world)
-            if ckpt is not None:
-                learner.optimizer.load_state_dict(torch.load(ckpt / f"optimizer.rank{rank}.pt", weights_only=False))
-            dist.follow(learner)
-    finally:
-        if replicas is not None:
-            replicas.terminate()
-        tdist.destroy_process_group()
-    _exit_rank()
+    def follower():
+        ckpt = Run(cfg).latest_checkpoint()
+        pcfg = policy_config(cfg, place, str(ckpt / "model") if ckpt is not None else None, local_rank)
+        _, learner = make_learner(cfg, pcfg, None, rank, world)
+        if ckpt is not None:
+            learner.optimizer.load_state_dict(torch.load(ckpt / f"optimizer.rank{rank}.pt", weights_only=False))
+        return learner
 
+    def headless():  # on nodes 1+, local rank 0 also starts the node's vLLM replicas (rank 0's engine drives them)
+        from asyncwebrl.vllm_engine import start_headless
 
-def _exit_rank() -> None:
-    """A trainer rank that finished ends here, without the interpreter's finalization. Once FSDP2 has used the
-    process group, torch keeps references to it past destroy_process_group (in a 10-line script too: its gloo
-    threads outlive the model, the cleared DTensor caches and a gc.collect()), so a normal exit tears those threads
-    down during finalization, which aborted a rank ("terminate called without an active exception") in 1 of 40
-    runs here (pytorch/pytorch#190489, #179291). Everything is written and the group destroyed by now; a failed rank
-    raises instead and never gets here."""
-    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
-        sys.modules["wandb"].finish()  # its own exit hook would not run
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+        return start_headless(policy_config(cfg, place), engine_config(cfg, place), rank // place.trainer)
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    dist.run_rank(rank, world, local_rank, port, place, cfg.dist_timeout_min * 60,
+                  lead=lambda: _train(cfg, place, rank, world), follower=follower, headless=headless)
 
 
 def warm_start(cfg: TrainConfig) -> TrainConfig:
@@ -437,7 +347,7 @@ def train(cfg: TrainConfig) -> Path:
 
         if Path(cfg.model).resolve() == policy_mod.TINY_MODEL_DIR.resolve():
             policy_mod.build_tiny_model()  # once, here, not by every rank at the same time
-        port = _free_port()
+        port = dist.free_port()
         mp.spawn(_rank_main, args=(cfg, place, port), nprocs=place.world, join=True)
         return Path(cfg.run_dir)
     return _train(cfg, place)

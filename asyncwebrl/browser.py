@@ -223,3 +223,27 @@ class PageSlot:
 
     def _clip(self) -> tuple:
         return MINIWOB_AREA if self.task.judge == "miniwob" else (0, 0, *self._viewport())
+
+    async def _open(self, url: str) -> None:
+        """The page at `url` and this task's viewport: a new page only if the old one cannot be used."""
+        if not self._usable():
+            await self._new_page()
+        w, h = self._viewport()
+        if self._page.viewport_size != {"width": w, "height": h}:
+            await self._page.set_viewport_size({"width": w, "height": h})
+        if self._page.url != url:
+            await self._page.goto(url)
+
+    async def _read(self) -> tuple[dict, bytes]:
+        """The page's state (OBSERVE_JS: task status, element marks) and a JPEG of the task area, in one round trip
+        sent together: a screenshot waits for the next compositor frame (~30 ms here) and the DOM read runs inside
+        that wait."""
+        clip = self._clip()
+        state, shot = await asyncio.gather(
+            self._page.evaluate(OBSERVE_JS, [list(clip), self.config.max_elements]),
+            self._page.screenshot(type="jpeg", quality=self.config.jpeg_quality,
+                                  clip=dict(zip(("x", "y", "width", "height"), clip))), return_exceptions=True)
+        for failed in (state, shot):  # wait for both before raising: no request is left running behind us
+            if isinstance(failed, BaseException):
+                raise failed
+        return state, shot

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,9 +74,9 @@ class Placement:
 
     def describe(self) -> list[str]:
         if self.gpus == 0:
-            return [f"placement: CPU, rollout by transformers generate; trainer: "
+            return ["placement: CPU, rollout by transformers generate; trainer: "
                     + ("one process (fp32)" if self.world == 1 else f"FSDP2 over {self.world} processes (gloo)")]
-        lines = [f"placement: 1 GPU, shared by the engine and the trainer" if self.shared else
+        lines = ["placement: 1 GPU, shared by the engine and the trainer" if self.shared else
                  f"placement: {self.nodes} node(s) x {self.gpus} GPUs: {self.replicas} rollout, {self.world} trainer"]
         lines += [f"  node {n}: cuda:{g[0]}{'-' + str(g[-1]) if len(g) > 1 else '':<4} {role}" for n, g, role in self.roles()]
         lines.append(f"  rollout: {self.engine} engine, {self.replicas} replica(s) (data parallel, tensor parallel 1)")
@@ -223,3 +224,50 @@ def follow(learner) -> None:
             full_state_dict(learner.policy.model)
         elif command == "stop":
             return
+
+
+def run_rank(rank: int, world: int, local_rank: int, port: int | None, place: Placement, timeout_s: float,
+             lead, follower, headless) -> None:
+    """One trainer process of 05_train.py, started by torch.multiprocessing.spawn on one node or by torchrun on
+    several. Rank 0 runs `lead()` (the whole pipeline); the others `follow` the learner `follower()` builds. On
+    nodes 1+, local rank 0 first starts the node's headless vLLM replicas (`headless()`). A rank that finished
+    leaves through exit_rank."""
+    import torch.distributed as tdist
+
+    torch.set_num_threads(max(1, torch.get_num_threads() // max(1, place.trainer)))
+    init(rank, world, port, place.trainer_device(local_rank), timeout_s)
+    replicas = None
+    try:
+        if rank == 0:
+            lead()
+        else:
+            if local_rank == 0 and place.nodes > 1 and place.gpus > 1:
+                replicas = headless()
+            follow(follower())
+    finally:
+        if replicas is not None:
+            replicas.terminate()
+        tdist.destroy_process_group()
+    exit_rank()
+
+
+def exit_rank() -> None:
+    """A trainer rank that finished ends here, without the interpreter's finalization. Once FSDP2 has used the
+    process group, torch keeps references to it past destroy_process_group (in a 10-line script too: its gloo
+    threads outlive the model, the cleared DTensor caches and a gc.collect()), so a normal exit tears those threads
+    down during finalization, which aborted a rank ("terminate called without an active exception") in 1 of 40
+    runs here (pytorch/pytorch#190489, #179291). Everything is written and the group destroyed by now; a failed rank
+    raises instead and never gets here."""
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish()  # its own exit hook would not run
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -7,6 +7,7 @@ what `python 01_env.py` runs.
 """
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 from pathlib import Path
@@ -155,3 +156,29 @@ def save_strip(shots: list[bytes], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     print(f"saved {len(images)} screenshots of the scripted agent to {path}")
+
+
+DEMO_TASKS = ["click-button", "enter-text", "login-user", "click-checkboxes", "click-tab"]
+
+
+def main(argv=None):
+    """`python 01_env.py`'s command line."""
+    import argparse
+
+    from asyncwebrl.suites import miniwob_tasks
+
+    parser = argparse.ArgumentParser(prog="01_env.py", description="01_env: a scripted and a random agent play "
+                                     "MiniWoB++ tasks in headless chromium. The environment benchmark is "
+                                     "`python -m experiments.env_bench`.")
+    parser.add_argument("--tasks", nargs="+", default=DEMO_TASKS, metavar="NAME",
+                        help=f"MiniWoB++ task names (default: {' '.join(DEMO_TASKS)})")
+    parser.add_argument("--episodes", type=int, default=1, help="episodes per task and agent (default: 1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first episode (default: 0)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "figures",
+                        help="where the screenshot strip goes (default: figures/)")
+    args = parser.parse_args(argv)
+    try:
+        miniwob_tasks(names=args.tasks)
+    except ValueError as e:
+        parser.error(str(e))
+    asyncio.run(demo(args.tasks, args.episodes, args.out, args.seed))

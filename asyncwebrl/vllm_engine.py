@@ -44,6 +44,15 @@ class EngineConfig:
     seed: int = 0  # vLLM's sampling seed
     refresh_timeout_s: float = 600.0  # a weight load that takes longer means a dead or stuck engine
 
+    @classmethod
+    def of_run(cls, cfg, place) -> "EngineConfig":
+        """05's TrainConfig and Placement: a replica per rollout GPU of every node, meeting at torchrun's head."""
+        return cls(replicas=max(1, place.replicas), replicas_local=max(1, place.rollout),
+                   address=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                   rpc_port=int(os.environ.get("MASTER_PORT", "29500")) + 1, seed=cfg.seed,
+                   max_model_len=cfg.max_model_len, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                   enforce_eager=cfg.enforce_eager)
+
 
 def engine_args(cfg, engine: EngineConfig) -> dict:
     """AsyncEngineArgs of the rollout engine (a dict, so that it can be printed and tested without vLLM)."""

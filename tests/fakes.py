@@ -23,9 +23,10 @@ def long_tail(short, long, p_long):
 
 class FakeEnvs:
     def __init__(self, store, length=constant(3), step_s=0.002, p_success=0.5, fail_every=0, jpeg=None,
-                 before_reset=None):
+                 before_reset=None, p_fault=0.0):
         self.store, self.length, self.step_s, self.p_success, self.fail_every = store, length, step_s, p_success, \
             fail_every
+        self.p_fault, self.faulted = p_fault, []  # episodes that end with one of 01.FAULT_ENDS (reward 0), by name
         self.before_reset = before_reset  # async (task, episode) -> None, may raise: a scripted env failure
         self.jpeg = jpeg  # a real screenshot (JPEG bytes) for a real policy; None: a few bytes that only fakes read
         self.slots, self.resets, self.started, self.closed, self.reset_log = [], 0, False, False, []
@@ -64,6 +65,7 @@ class FakeEnv:
         rng = random.Random(episode)  # scripted per episode: its length and its reward
         self.task, self.episode, self.t = task, episode, 0
         self.steps, self.reward = o.length(rng), float(rng.random() < o.p_success)
+        self.fault = rng.choice(sorted(env.FAULT_ENDS)) if rng.random() < o.p_fault else None
         await asyncio.sleep(o.step_s)
         return self._obs()
 
@@ -71,6 +73,9 @@ class FakeEnv:
         await asyncio.sleep(self.owner.step_s)
         self.t += 1
         done = self.t >= self.steps
+        if done and self.fault:  # the page crashed, hung, ... or the judge failed: no reward, an end of its own
+            self.owner.faulted.append((self.episode, self.fault))
+            return env.StepResult(self._obs(), 0.0, True, {"end": self.fault, "error": "scripted fault"})
         return env.StepResult(self._obs(), self.reward if done else 0.0, done, {"end": "task_done"} if done else {})
 
     async def close(self):

@@ -58,4 +58,4 @@ if __name__ == "__main__":
     else:
         import torch.multiprocessing as mp
 
-        mp.spawn(update, args=(world, model, out, train._free_port()), nprocs=world)
+        mp.spawn(update, args=(world, model, out, train.dist.free_port()), nprocs=world)

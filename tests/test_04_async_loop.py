@@ -3,6 +3,7 @@ restarts, clean shutdown, and the long-tail throughput gap; the real tiny policy
 one short real run of each mode (browser)."""
 import _thread
 import asyncio
+import collections
 import signal
 import statistics
 import threading
@@ -132,7 +133,7 @@ def test_a_turn_that_breaks_the_sampler_fails_its_own_episode_only(capsys):
     sampler = OneBadTurn()
     loop, *_ = make_loop(sampler=sampler, updates=3, workers=6, max_inference_batch=2)  # a failing pair too
     loop.run()
-    assert loop.stats.env_errors == 2 and [m["version"] for m in loop.history] == [1, 2, 3]
+    assert loop.stats.faults == 2 and [m["version"] for m in loop.history] == [1, 2, 3]
     assert max(sampler.calls) > 1 and 1 in sampler.calls  # a failed batch, then its requests one by one
     assert capsys.readouterr().out.count("an image the engine cannot read") == 2
 
@@ -235,10 +236,10 @@ def test_a_worker_whose_env_raises_is_restarted_and_the_pool_keeps_its_size(caps
     envs = FakeEnvs(store, fail_every=5)
     loop, *_ = make_loop(store, envs=envs, updates=5, workers=4, slot_retries=3)
     loop.run()
-    assert loop.stats.env_errors > 0 and loop.stats.trained == 5 * 4
+    assert loop.stats.faults > 0 and loop.stats.trained == 5 * 4
     said = [line for line in capsys.readouterr().out.splitlines() if "restarting its env slot" in line]
-    assert len(said) == loop.stats.env_errors and all("failed (RuntimeError: scripted env failure)" in x for x in said)
-    assert len(envs.slots) == 4 + loop.stats.env_errors  # each failure: that worker's slot replaced, no more
+    assert len(said) == loop.stats.faults and all("failed (RuntimeError: scripted env failure)" in x for x in said)
+    assert len(envs.slots) == 4 + loop.stats.faults  # each failure: that worker's slot replaced, no more
     assert all(s.closed for s in envs.slots)
 
 
@@ -251,8 +252,40 @@ def test_an_env_that_always_raises_abandons_its_group_and_training_goes_on():
 
     loop, *_ = make_loop(store, envs=FakeEnvs(store, before_reset=broken), updates=4)
     loop.run()
-    assert loop.stats.trained == 4 * 2 * 2 and loop.stats.env_errors >= 2
+    assert loop.stats.trained == 4 * 2 * 2 and loop.stats.faults >= 2
     assert all(t.task != "fake/t0" for t in loop.pool.trajectory_log)
+
+
+def test_an_episode_ended_by_the_environment_or_the_judge_is_never_trained_and_its_slot_runs_again():
+    """A third of the episodes end with a fault's end reason (a crashed page, a hang, a dead browser, a failed judge)
+    and reward 0. None of them reaches the trainer or the learning curve; each is counted under its end reason, its
+    screenshots are freed, and its slot runs again, so every group still trains G trajectories of the agent's."""
+    store = env.ScreenshotStore()
+    envs = FakeEnvs(store, p_fault=0.3, p_success=0.5)
+    loop, learner, *_ = make_loop(store, envs=envs, updates=5, slot_retries=20, dynamic_sampling=False)
+    loop.run()
+    ledger, by_id = loop.ledger(), {t.id: t for t in loop.pool.trajectory_log}
+    assert len(envs.faulted) >= 5 and ledger["faults"] == len(envs.faulted)
+    assert ledger["faults_by_end"] == dict(collections.Counter(end for _, end in envs.faulted))
+    assert all(by_id[i].end in env.AGENT_ENDS for i in loop.trained_ids) and len(loop.trained_ids) == 5 * 2 * 2
+    assert {e for e, _ in envs.faulted}.isdisjoint(t.episode for t in loop.pool.trajectory_log)
+    assert all(store.keys(e) == [] for e, _ in envs.faulted)
+    assert ledger["started"] == ledger["finished"] + ledger["faults"] + ledger["cut"] + ledger["running"]
+    assert ledger["abandoned"] == 0 and all(len(g) == 2 * 2 for g in learner.batches)
+    row = loop.history[-1]  # the counters when the last update was logged: the pool ran on a little after it
+    assert 0 < row["faults"] <= ledger["faults"] and sum(v for k, v in row.items() if k.startswith("fault_")) == \
+        row["faults"]
+
+
+def test_every_end_reason_01_can_give_is_the_agents_or_a_fault_never_both():
+    import re
+
+    source = (ROOT / "01_env.py").read_text()
+    said = set(re.findall(r'(?:_end\(|EpisodeEnd\(|end=)"(\w+)"', source))
+    reasons = source[source.index("reason = ("):].split(")\n")[0]  # a Playwright error: which kind of page failure
+    said |= set(re.findall(r'"(\w+)"', reasons))
+    assert said >= {"task_done", "answer", "max_steps", "timeout", "page_crashed", "blocked_navigation", "judge_error"}
+    assert said == env.AGENT_ENDS | env.FAULT_ENDS and not env.AGENT_ENDS & env.FAULT_ENDS
 
 
 def test_shutdown_is_clean_on_keyboard_interrupt():
@@ -389,9 +422,11 @@ def test_timeline_records_every_component():
 def test_real_env_and_tiny_model_runs_in_both_modes_and_write_timelines(tmp_path):
     import json
 
+    from experiments.loop_demo import real_run
+
     for mode in ("async", "sync"):
-        r = aloop.real_run(mode, 2, ["click-button", "click-link"], tmp_path, max_steps=2, workers=3, group_size=2,
-                           batch_groups=1, dynamic_sampling=False)
+        r = real_run(mode, 2, ["click-button", "click-link"], tmp_path, max_steps=2, workers=3, group_size=2,
+                     batch_groups=1, dynamic_sampling=False)
         assert r["updates"] == 2 and r["ledger"]["trained"] == 2 * 2 and r["samples"] >= 4
         spans = [json.loads(line) for line in (tmp_path / f"timeline_{mode}.jsonl").read_text().splitlines()]
         assert {s["component"].split("/")[0] for s in spans} >= {"env", "inference", "trainer"}
@@ -496,7 +531,7 @@ def test_a_group_abandoned_after_a_sibling_finished_is_counted_once_and_freed(ca
     loop.run()
     ledger, stats = loop.ledger(), loop.stats
     siblings = [t for t in loop.pool.trajectory_log if t.group in doomed]
-    assert len(siblings) == 2 and stats.env_errors == 4 and ledger["abandoned"] == 2  # each retried once
+    assert len(siblings) == 2 and stats.faults == 4 and ledger["abandoned"] == 2  # each retried once
     assert not {t.id for t in siblings} & {tid for batch in learner.batches for _, tid, _ in batch}
     assert ledger["finished"] == ledger["trained"] + ledger["rejected"] + ledger["dropped_stale"] + \
         ledger["abandoned"] + ledger["leftover"] and ledger["trained"] == 6 * 2
@@ -524,7 +559,7 @@ def test_a_group_whose_every_episode_fails_is_abandoned_once(capsys):
                                   slot_retries=1, dynamic_sampling=False)
     loop.run()
     assert " died: " not in capsys.readouterr().out
-    assert loop.stats.env_errors == 2 and loop.stats.abandoned == 0 and loop.stats.trained == 3 * 2
+    assert loop.stats.faults == 2 and loop.stats.abandoned == 0 and loop.stats.trained == 3 * 2
     assert all(t.group != 0 for t in loop.pool.trajectory_log) and 0 not in loop.pool.open
 
 
@@ -692,7 +727,7 @@ def test_a_trajectory_that_finishes_after_its_group_was_abandoned_is_counted_onc
     loop.run()
     ledger = loop.ledger()
     late = [t for t in loop.pool.trajectory_log if t.group in doomed]
-    assert len(late) == 2 and ledger["abandoned"] == 2 and loop.stats.env_errors == 2
+    assert len(late) == 2 and ledger["abandoned"] == 2 and loop.stats.faults == 2
     assert ledger["finished"] == ledger["trained"] + ledger["rejected"] + ledger["dropped_stale"] + \
         ledger["abandoned"] + ledger["leftover"] and ledger["trained"] == 4 * 2
     assert not any(k.startswith(("g0.", "g1.")) for k in store._bytes)
