@@ -319,7 +319,9 @@ class Loop:
         while len(fresh) < c.batch_groups:
             with self.timeline.span("trainer", "idle"):
                 got = self.buffer.take(1, self.stop)
-            if got is None:
+            if got is None:  # stopped: what was taken goes back, so that the ledger counts it and run() frees it
+                for g in fresh:
+                    self.buffer.put(g)
                 return None
             group = got[0]
             if c.drop_stale and group.staleness(self.version) > limit:  # opt-in: too old to be trusted
@@ -403,6 +405,8 @@ class Loop:
             self.stop.set()
             for t in threads:
                 t.join()
+            for g in list(self.buffer._groups) + list(self.pool.open.values()):
+                free_group(self.store, g)  # not trained (the ledger's leftover): nothing is left in the store
             if self.weights_root is not None and not self.cfg.weights_dir:
                 shutil.rmtree(self.weights_root, ignore_errors=True)
         if self.errors:

@@ -84,7 +84,8 @@ def summarize(records: list[dict]) -> dict:
     lo, hi = wilson(len(ok), len(records))
     return dict(episodes=len(records), success=_mean([r["success"] for r in records]), ci95=[lo, hi],
                 steps_success=_mean([r["steps"] for r in ok]), steps_failure=_mean([r["steps"] for r in bad]),
-                tokens_success=_mean([r["tokens"] for r in ok]), tokens_failure=_mean([r["tokens"] for r in bad]))
+                tokens_success=_mean([r["tokens"] for r in ok]), tokens_failure=_mean([r["tokens"] for r in bad]),
+                faults=sum(r.get("end") in env.FAULT_ENDS for r in records))  # failures that were not the agent's
 
 
 def table(records: list[dict]) -> dict:

@@ -31,7 +31,8 @@ async def on_fault(pool, i: int, slot_env, slot, error: Exception):
     end = error.end if isinstance(error, EpisodeFault) else "env_raised"
     pool.stats.faults += 1
     pool.stats.faults_by_end[end] = pool.stats.faults_by_end.get(end, 0) + 1
-    print(f"[pool] worker {i}: episode of {group.task.id} failed ({type(error).__name__}: {error}); "
+    said = (str(error).strip().splitlines() or [""])[0][:160]  # Playwright's errors run to many lines
+    print(f"[pool] worker {i}: episode of {group.task.id} failed ({type(error).__name__}: {said}); "
           f"restarting its env slot", flush=True)
     await quiet_close(slot_env)
     if retries + 1 < pool.cfg.slot_retries:

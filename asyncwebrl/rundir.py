@@ -91,9 +91,8 @@ class Run:
         pointer.write_text(folder.name + "\n")
         os.replace(pointer, self.dir / "checkpoints" / "latest")
         old = sorted(p for p in (self.dir / "checkpoints").glob("v*") if p.is_dir() and p.suffix != ".tmp")
-        for stale in old[:-self.cfg.keep_checkpoints]:
-            shutil.rmtree(stale, ignore_errors=True)
-
+        for stale in old[:-self.cfg.keep_checkpoints] + list((self.dir / "checkpoints").glob("v*.tmp")):
+            shutil.rmtree(stale, ignore_errors=True)  # and what a kill mid-write left: never read, only in the way
 
     def restore(self, ckpt: Path, learner, pool, tasks: list, rank: int = 0, sharded: bool = False) -> int:
         """Continue exactly where the checkpoint was (its weights are loaded with the model): optimizer moments,

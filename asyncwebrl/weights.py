@@ -43,10 +43,26 @@ class Digest:
         return f"{self.count}:{self.total:x}"
 
 
-def default_root() -> Path:
-    """A RAM-backed folder where there is one (Linux /dev/shm), else the temp folder."""
-    shm = Path("/dev/shm")
-    return Path(tempfile.mkdtemp(prefix="asyncwebrl-weights-", dir=shm if shm.is_dir() else None))
+def default_root(parent: Path | None = None) -> Path:
+    """A RAM-backed folder where there is one (Linux /dev/shm), else the temp folder. Its name holds this process's
+    id: a run killed mid-refresh leaves its folder (a model's worth of RAM) behind, and the next run removes the
+    folders of processes that no longer exist."""
+    parent = parent or (Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir()))
+    for old in parent.glob("asyncwebrl-weights-*-*"):
+        pid = old.name.split("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"asyncwebrl-weights-{os.getpid()}-", dir=parent))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def write(tensors, folder: Path, dtype: torch.dtype | None = None) -> str:

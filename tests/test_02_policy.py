@@ -1,5 +1,6 @@
 """02_policy: prompt and reply format, the tiny offline Qwen3-VL, log-probs, both samplers, constrained decoding."""
 import asyncio
+import os
 import random
 import shutil
 import threading
@@ -262,6 +263,21 @@ def test_weight_refresh_by_file_changes_outputs_and_bumps_the_version(cfg, store
     assert {s.version for s in before} == {0} and {s.version for s in after} == {7}
     assert any(a.token_ids != b.token_ids or a.logprobs != b.logprobs for a, b in zip(after, before))
     assert torch.equal(sampler.model.lm_head.weight, new["model.language_model.embed_tokens.weight"])  # tied
+
+
+def test_a_killed_runs_weight_folder_is_removed_by_the_next_run_and_a_live_ones_is_kept(tmp_path):
+    """A run killed mid-refresh leaves its RAM folder behind (a model's worth of /dev/shm); default_root() of the
+    next run removes the folders of processes that are gone, and no other."""
+    import subprocess
+    import sys as _sys
+
+    dead = subprocess.run([_sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = tmp_path / f"asyncwebrl-weights-{dead.stdout.strip()}-abc"
+    live = tmp_path / f"asyncwebrl-weights-{os.getppid()}-def"
+    for folder in (gone, live):
+        (folder / "v3").mkdir(parents=True)
+    mine = weights.default_root(tmp_path)
+    assert not gone.exists() and live.exists() and mine.parent == tmp_path and f"-{os.getpid()}-" in mine.name
 
 
 def test_weight_files_that_do_not_fit_the_model_are_refused(cfg, tmp_path):

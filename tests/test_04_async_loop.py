@@ -277,6 +277,26 @@ def test_an_episode_ended_by_the_environment_or_the_judge_is_never_trained_and_i
         row["faults"]
 
 
+def test_a_group_the_trainer_holds_when_the_loop_stops_is_accounted_for_and_freed():
+    """B = 2: only group 0 ever completes (every later episode waits forever in its reset), so the trainer holds it
+    while it waits for a second one; then the loop is stopped. The held group goes back to the buffer (the ledger's
+    leftover), and the run frees every screenshot it leaves behind."""
+    store = env.ScreenshotStore()
+
+    async def stall(task, episode):
+        if not episode.startswith("g0."):
+            await asyncio.Event().wait()
+
+    loop, *_ = make_loop(store, envs=FakeEnvs(store, before_reset=stall), workers=2, updates=1, batch_groups=2,
+                         dynamic_sampling=False)
+    threading.Timer(0.5, loop.stop.set).start()
+    loop.run()
+    ledger = loop.ledger()
+    assert ledger["finished"] == 2 and ledger["trained"] == 0 and ledger["leftover"] == ledger["in_buffer"] == 2
+    assert ledger["started"] == ledger["finished"] + ledger["faults"] + ledger["cut"] and ledger["cut"] == 2
+    assert len(store) == 0
+
+
 def test_every_end_reason_01_can_give_is_the_agents_or_a_fault_never_both():
     import re
 
