@@ -222,7 +222,7 @@ class RolloutPool:
                 reply = policy_mod.parse_response(sample.text, sample.truncated)
                 with self.timeline.span(f"env/{i}", "step"):
                     result = await slot_env.step(reply.action if reply.action is not None else reply.action_text)
-                traj.steps.append(Step(turn, sample, reply.error))
+                traj.steps.append(Step(turn, sample, reply.error, marks=tuple(e.box for e in obs.elements)))
                 policy_mod.update_state(state, obs, reply, result)
                 obs = result.obs
                 if result.done:

@@ -5,6 +5,7 @@
     python 06_eval.py --agent oracle --split train      the ceiling: scripted solvers (where MiniWoB++ has one)
     python 06_eval.py --agent random --split train      the floor: uniformly random actions over the marks
     python 06_eval.py --figures runs/a runs/b ...       figures/fig*.png + .json from the runs' logs alone
+    python 06_eval.py --html runs/<run>                 runs/<run>/report.html: every logged episode, step by step
 
 Evaluation plays held-out instances: seeds from 01's TRAIN_SEEDS upward, which training never draws. The test
 split holds task families never trained on (out-of-distribution, as in the paper). Every success rate comes with a
@@ -115,9 +116,24 @@ def eval_jobs(tasks: list, episodes: int) -> list:
     return [(t, env.TRAIN_SEEDS + i) for i in range(episodes) for t in tasks]
 
 
-def evaluate(agent, tasks: list, episodes: int, store=None, workers: int = 8, label: str = "eval") -> list[dict]:
-    return [ep.record() for ep in play(agent, eval_jobs(tasks, episodes), store, workers,
-                                       progress=print_progress(label))]
+def evaluate(agent, tasks: list, episodes: int, store=None, workers: int = 8, label: str = "eval",
+             save_to: Path | None = None) -> list[dict]:
+    """One record per episode. `save_to`: every step's screenshot is written there (e<n>/stepNN.jpg) and each
+    record lists its steps (memory, action, error, element boxes): what `--html` shows."""
+    store = store if store is not None else env.ScreenshotStore()
+    played = play(agent, eval_jobs(tasks, episodes), store, workers, keep_screenshots=save_to is not None,
+                  progress=print_progress(label))
+    records = [ep.record() for ep in played]
+    for n, (ep, record) in enumerate(zip(played, records) if save_to is not None else []):
+        record["steps"] = []
+        for k, step in enumerate(ep.trace):
+            shot, path = step.pop("screenshot"), save_to / f"e{n}" / f"step{k:02d}.jpg"
+            if shot in store.keys(ep.name):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(store.get(shot))
+            record["steps"].append({**step, "screenshot": f"{save_to.name}/e{n}/{path.name}" if path.exists() else None})
+        store.free(ep.name)
+    return records
 
 
 def resolve_model(target: str | Path) -> tuple[Path, dict]:
@@ -172,16 +188,18 @@ def run_eval(args) -> dict:
         agent, name = model_agent(model_dir, store, args.temperature), str(args.target)
     else:
         agent, name = (OracleAgent() if args.agent == "oracle" else RandomAgent(args.seed)), args.agent
-    records = evaluate(agent, tasks, args.episodes, store, args.workers, label=f"eval {name}")
     mode = "scripted" if args.agent != "model" else "greedy" if args.temperature == 0 else f"T={args.temperature:g}"
+    split = args.split if not args.tasks else "tasks"
+    out = Path(args.out or ((Path(args.target) if args.agent == "model" else ROOT / "figures")
+                            / f"eval-{args.agent}-{split}-{mode}.json"))
+    records = evaluate(agent, tasks, args.episodes, store, args.workers, label=f"eval {name}",
+                       save_to=out.with_suffix("") if args.agent == "model" else None)  # a model's steps: the viewer
     result = dict(target=name, model=str(model_dir) if model_dir else None, agent=args.agent,
-                  split=args.split if not args.tasks else "tasks", mode=mode, episodes_per_task=args.episodes,
+                  split=split, mode=mode, episodes_per_task=args.episodes,
                   max_steps=horizon or "task's own", **table(records), records=records)
     print(format_table(result, f"{name} ({args.agent}, {mode}) on {result['split']}: {len(tasks)} tasks x "
                                f"{args.episodes} episodes"))
-    out = args.out or ((Path(args.target) if args.agent == "model" else ROOT / "figures")
-                       / f"eval-{args.agent}-{result['split']}-{mode}.json")
-    Path(out).write_text(json.dumps(result, indent=1) + "\n")
+    out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"saved {out}")
     return result
 
@@ -203,6 +221,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where the JSON table goes (default: beside the checkpoint, or figures/); with "
                    "--figures, the folder the figures go to (default: figures/)")
     p.add_argument("--figures", nargs="+", metavar="RUN_DIR", help="regenerate the figures from these runs' logs")
+    p.add_argument("--html", metavar="RUN_DIR", help="write RUN_DIR/report.html: the run's curves and every logged "
+                   "episode, step by step (opens from disk)")
     return p
 
 
@@ -211,6 +231,13 @@ def main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
     try:
+        if args.html:
+            from asyncwebrl.report import write_report
+
+            out = write_report(Path(args.html))
+            print(f"wrote {out} ({out.stat().st_size / 1e3:.0f} kB; it shows the run's own screenshots): open it in "
+                  f"a browser")
+            return 0
         if args.figures:
             from asyncwebrl.figures import make_figures
 

@@ -30,6 +30,7 @@ class Episode:
     reward: float = 0.0
     end: str = ""
     scratch: dict = field(default_factory=dict)  # per-episode notes of the agent (e.g. a demonstrator's plan)
+    trace: list = field(default_factory=list)  # per step: memory, action, error, screenshot key, element boxes
 
     def record(self) -> dict:
         t = self.task
@@ -77,6 +78,9 @@ async def _play(agent, jobs: list, store, workers: int, keep_screenshots: bool, 
                                              for i, (r, _) in zip(order, replies)))
             for i, (reply, tokens), result in zip(order, replies, results):
                 ep = running[i]
+                ep.trace.append(dict(memory=reply.memory, action=reply.action_text, action_error=reply.error,
+                                     tokens=tokens, screenshot=ep.obs.screenshot,
+                                     marks=[list(e.box) for e in ep.obs.elements]))
                 ep.steps += 1
                 ep.tokens += tokens
                 policy_mod.update_state(ep.state, ep.obs, reply, result)

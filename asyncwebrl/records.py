@@ -17,6 +17,7 @@ class Step:
     sample: object  # 02.Sample: token ids, behaviour log-probs, policy version
     action_error: str | None  # why the reply was not a valid action (None: it was)
     image_bytes: dict | None = None  # only in the by-value ablation: key -> the screenshot's bytes
+    marks: tuple = ()  # the boxes (x, y, w, h) of the element marks the model saw: where click(#i) lands (viewer)
 
 
 @dataclass

@@ -57,8 +57,10 @@ class Run:
         return spent
 
     def log_trajectories(self, groups, store, version: int) -> None:
-        trajs = [t for g in groups for t in g.trajectories][:self.cfg.log_trajectories]
-        for t in trajs:
+        """The first --log-trajectories trajectories of the update that made `version`: every step's screenshot,
+        reply, error, policy version and element boxes (what `06_eval.py --html` shows)."""
+        trajs = [(g, t) for g in groups for t in g.trajectories][:self.cfg.log_trajectories]
+        for g, t in trajs:
             folder = self.dir / "trajectories" / f"v{version:04d}" / f"traj{t.id}"
             folder.mkdir(parents=True, exist_ok=True)
             steps = []
@@ -67,9 +69,11 @@ class Run:
                 if shot:
                     (folder / f"step{n:02d}.jpg").write_bytes(store.get(shot))
                 steps.append(dict(reply=s.sample.text, action_error=s.action_error, version=s.sample.version,
-                                  tokens=len(s.sample.token_ids), screenshot=f"step{n:02d}.jpg" if shot else None))
-            (folder / "trajectory.json").write_text(json.dumps(dict(task=t.task, seed=t.seed, reward=t.reward,
-                                                                    end=t.end, steps=steps), indent=1))
+                                  tokens=len(s.sample.token_ids), screenshot=f"step{n:02d}.jpg" if shot else None,
+                                  marks=[list(b) for b in s.marks]))
+            (folder / "trajectory.json").write_text(json.dumps(dict(
+                task=t.task, difficulty=getattr(g.task, "difficulty", ""), group=t.group, seed=t.seed, reward=t.reward,
+                end=t.end, trained_at=version - 1, steps=steps), indent=1))
 
     def save_checkpoint(self, policy, learner, pool, version: int) -> None:
         """Model files first, then trainer state, then the `latest` pointer (atomic rename): a kill at any point

@@ -27,7 +27,7 @@ import torch
 
 from asyncwebrl import ROOT
 
-TRAIN = ["--updates", "10", "--checkpoint-every", "1", "--keep-checkpoints", "2", "--workers", "4", "--group-size",
+TRAIN = ["--checkpoint-every", "1", "--keep-checkpoints", "2", "--workers", "4", "--group-size",
          "2", "--batch-groups", "2", "--max-steps", "3", "--no-dynamic-sampling", "--log-trajectories", "1"]
 
 
@@ -71,10 +71,11 @@ def writing(run: Path) -> dict[str, set]:
     return dict(checkpoint=stamped((run / "checkpoints").glob("v*.tmp")), refresh=stamped((run / "weights").glob("v*")))
 
 
-def attempt(run: Path, resume: bool, trigger: str | None, rng: random.Random, log) -> dict:
+def attempt(run: Path, resume: bool, trigger: str | None, rng: random.Random, log, updates: int) -> dict:
     """Start (or resume) the run; kill it when `trigger` happens ("checkpoint", "refresh", "random"); None: let it
     finish."""
-    argv = ["--resume", str(run)] if resume else ["--run-dir", str(run), "--weights-dir", str(run / "weights")] + TRAIN
+    argv = ["--resume", str(run)] if resume else ["--run-dir", str(run), "--weights-dir", str(run / "weights"),
+                                                  "--updates", str(updates), *TRAIN]
     proc = subprocess.Popen([sys.executable, str(ROOT / "05_train.py"), *argv], stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     t0, at = time.perf_counter(), rng.uniform(3.0, 25.0)
@@ -91,7 +92,7 @@ def attempt(run: Path, resume: bool, trigger: str | None, rng: random.Random, lo
     return dict(trigger=trigger, killed=False, rc=proc.returncode, after_s=round(time.perf_counter() - t0, 2))
 
 
-def run(folder: Path, kills: int, seed: int = 0) -> dict:
+def run(folder: Path, kills: int, updates: int = 10, seed: int = 0) -> dict:
     rng = random.Random(seed)
     triggers = ["checkpoint", "refresh"] + [rng.choice(["checkpoint", "refresh", "random", "random"])
                                             for _ in range(max(0, kills - 2))]
@@ -101,7 +102,7 @@ def run(folder: Path, kills: int, seed: int = 0) -> dict:
         for n, trigger in enumerate(triggers + [None]):
             before = versions(run_dir)
             r = attempt(run_dir, resume=n > 0 and (run_dir / "config.json").is_file(), trigger=trigger, rng=rng,
-                        log=log)
+                        log=log, updates=updates)
             whole, folders = checkpoints_whole(run_dir)
             latest = run_dir / "checkpoints" / "latest"
             r["latest"] = latest.read_text().strip() if latest.is_file() else None
@@ -116,7 +117,6 @@ def run(folder: Path, kills: int, seed: int = 0) -> dict:
             if not r["killed"]:
                 break
     final = versions(run_dir)
-    updates = int(TRAIN[TRAIN.index("--updates") + 1])
     redone = sum(r.get("redone", 0) for r in report)
     checks = dict(completed=not report[-1]["killed"] and report[-1].get("rc") == 0,
                   versions_continuous=final == list(range(1, updates + 1)),
@@ -132,18 +132,19 @@ def run(folder: Path, kills: int, seed: int = 0) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kills", type=int, default=10, help="kills before the run may finish (default: 10)")
+    p.add_argument("--updates", type=int, default=10, help="updates of the run (default: 10)")
     p.add_argument("--seed", type=int, default=0, help="seeds the kill moments (default: 0)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "kill_resume", help="default: runs/kill_resume")
     p.add_argument("--out", type=Path, default=ROOT / "figures" / "kill_resume.json",
                    help="default: figures/kill_resume.json")
     args = p.parse_args(argv)
-    if args.kills < 2:
-        p.error("--kills must be at least 2 (one during a checkpoint write, one during a refresh)")
+    if args.kills < 2 or args.updates < 2:
+        p.error("--kills and --updates must be at least 2 (a kill during a checkpoint write, one during a refresh)")
     import shutil
 
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
-    result = run(args.work, args.kills, args.seed)
+    result = run(args.work, args.kills, args.updates, args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result[k] for k in ("kills", "updates", "updates_redone", "checks", "passed")}, indent=1))
