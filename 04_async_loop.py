@@ -61,7 +61,7 @@ from pathlib import Path
 from asyncwebrl import faults, load, weights
 from asyncwebrl.batching import Batcher
 from asyncwebrl.faults import EpisodeFault
-from asyncwebrl.learner import Learner, LearnerConfig, StepImages, by_value  # noqa: F401 (tests, 05 use them)
+from asyncwebrl.learner import Learner, LearnerConfig, StepImages, by_value, release_heap  # noqa: F401 (tests, 05)
 from asyncwebrl.metrics import batch_metrics, rollout_metrics
 from asyncwebrl.records import Group, Stats, Step, Trajectory, free_group
 from asyncwebrl.timeline import Timeline
@@ -366,6 +366,7 @@ class Loop:
                 self.on_update(metrics, groups)  # logging, checkpoints: screenshots are still in the store
                 for g in groups:
                     free_group(self.store, g)
+                release_heap()  # what this update's tensors freed goes back to the system (learner.py says why)
         except BaseException:
             self.errors.append(traceback.format_exc())
         finally:

@@ -119,19 +119,20 @@ def eval_jobs(tasks: list, episodes: int) -> list:
 def evaluate(agent, tasks: list, episodes: int, store=None, workers: int = 8, label: str = "eval",
              save_to: Path | None = None) -> list[dict]:
     """One record per episode. `save_to`: every step's screenshot is written there (e<n>/stepNN.jpg) and each
-    record lists its steps (memory, action, error, element boxes): what `--html` shows."""
+    record's `trace` lists its steps (memory, action, error, element boxes): what `--html` shows."""
     store = store if store is not None else env.ScreenshotStore()
     played = play(agent, eval_jobs(tasks, episodes), store, workers, keep_screenshots=save_to is not None,
                   progress=print_progress(label))
     records = [ep.record() for ep in played]
     for n, (ep, record) in enumerate(zip(played, records) if save_to is not None else []):
-        record["steps"] = []
+        record["trace"] = []
         for k, step in enumerate(ep.trace):
             shot, path = step.pop("screenshot"), save_to / f"e{n}" / f"step{k:02d}.jpg"
             if shot in store.keys(ep.name):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(store.get(shot))
-            record["steps"].append({**step, "screenshot": f"{save_to.name}/e{n}/{path.name}" if path.exists() else None})
+            saved = f"{save_to.name}/e{n}/{path.name}" if path.exists() else None
+            record["trace"].append({**step, "screenshot": saved})
         store.free(ep.name)
     return records
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from pathlib import Path
 
 from asyncwebrl import load
@@ -28,7 +29,7 @@ def target(action_text: str, marks: list, size: tuple[int, int] | None) -> dict 
         return None
     out: dict = {"label": str(a)}
     if a.mark is not None and a.mark < len(marks):
-        x, y, w, h = marks[a.mark]
+        x, y, w, h = (float(v) for v in marks[a.mark])
         out.update(x=x + w / 2, y=y + h / 2, box=[x, y, w, h])
     elif a.kind == "click" and a.x is not None and size:
         out.update(x=size[0] * a.x / 1000, y=size[1] * a.y / 1000)
@@ -37,21 +38,35 @@ def target(action_text: str, marks: list, size: tuple[int, int] | None) -> dict 
     return out
 
 
+def _reward(v) -> float:
+    if _finite(float(v)) is None:
+        raise ValueError(f"reward {v!r}")
+    return float(v)
+
+
+def _finite(v):
+    """A number JSON can carry (a mean over nothing is NaN in metrics.jsonl, which JSON.parse refuses), else None."""
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
 def _size(path: Path) -> list[int] | None:
     from PIL import Image
 
     try:
         with Image.open(path) as img:
             return list(img.size)
-    except OSError:
+    except (OSError, ValueError, Image.DecompressionBombError):  # missing, not an image
         return None
 
 
 def _step(run_dir: Path, image: Path | None, memory: str, action: str, error, version, staleness, marks, tokens):
-    size = _size(image) if image is not None else None
+    size = _size(image) if image is not None and image.resolve().is_relative_to(run_dir.resolve()) else None
+    where = target(action, marks, size)
+    if where and not all(_finite(v) is not None for k, v in where.items() if k in ("x", "y")):
+        where = None  # a damaged box: nothing to draw
     return dict(image=image.relative_to(run_dir).as_posix() if size else None, size=size, memory=memory,
-                action=action, error=error, version=version, staleness=staleness, tokens=tokens,
-                target=target(action, marks, size))
+                action=action, error=None if error is None else str(error), version=_finite(version),
+                staleness=_finite(staleness), tokens=_finite(tokens), target=where)
 
 
 def collect(run_dir: Path) -> dict:
@@ -63,34 +78,49 @@ def collect(run_dir: Path) -> dict:
                 row = json.loads(line)
             except ValueError:  # a row cut by a kill
                 continue
-            metrics.append({k: row.get(k) for k in ("version", "success", "rollout_success", "steps",
-                                                     "tokens_per_step")})
-    episodes = []
+            metrics.append({k: _finite(row.get(k)) for k in ("version", "success", "rollout_success", "steps",
+                                                              "tokens_per_step")})
+    episodes, skipped = [], []
     for f in sorted(run_dir.glob("trajectories/v*/traj*/trajectory.json")):
-        t, version = json.loads(f.read_text()), int(f.parent.parent.name[1:])
-        trained_at = t.get("trained_at", version - 1)
-        steps = []
-        for s in t["steps"]:
-            reply = policy_mod.parse_response(s["reply"])
-            steps.append(_step(run_dir, f.parent / s["screenshot"] if s.get("screenshot") else None, reply.memory,
-                               reply.action_text, s["action_error"], s["version"], trained_at - s["version"],
-                               s.get("marks", []), s.get("tokens")))
-        episodes.append(dict(source="train", version=version, task=t["task"], difficulty=t.get("difficulty", ""),
-                             reward=t["reward"], end=t["end"], steps=steps))
+        try:
+            episodes.append(_trajectory(run_dir, f))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):  # cut by a kill, or not ours
+            skipped.append(f.relative_to(run_dir).as_posix())
     for f in sorted(run_dir.glob("**/eval-*.json")):
-        result = json.loads(f.read_text())
-        source = f"eval {result.get('split', '')} {result.get('mode', '')}".strip()
-        for r in result.get("records", []):
-            if "steps" not in r:
-                continue
-            steps = [_step(run_dir, f.parent / s["screenshot"] if s.get("screenshot") else None, s["memory"],
-                           s["action"], s["action_error"], None, None, s.get("marks", []), s.get("tokens"))
-                     for s in r["steps"]]
-            episodes.append(dict(source=source, version=None, task=r["task"], difficulty=r.get("difficulty", ""),
-                                 reward=r["reward"], end=r["end"], steps=steps))
+        try:
+            episodes += _evaluation(run_dir, f)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+            skipped.append(f.relative_to(run_dir).as_posix())
     for i, ep in enumerate(episodes):
         ep.update(id=i, success=ep["reward"] > 0)
-    return dict(run=run_dir.name, metrics=metrics, episodes=episodes)
+    return dict(run=run_dir.name, metrics=metrics, episodes=episodes, skipped=skipped)
+
+
+def _trajectory(run_dir: Path, f: Path) -> dict:
+    """A training trajectory 05 logged (trajectories/v<N>/traj<id>/trajectory.json)."""
+    t, version = json.loads(f.read_text()), int(f.parent.parent.name[1:])
+    trained_at, steps = t.get("trained_at", version - 1), []
+    for s in t["steps"]:
+        reply = policy_mod.parse_response(str(s["reply"]))
+        steps.append(_step(run_dir, f.parent / s["screenshot"] if s.get("screenshot") else None, reply.memory,
+                           reply.action_text, s["action_error"], s["version"], trained_at - s["version"],
+                           s.get("marks", []), s.get("tokens")))
+    return dict(source="train", version=version, task=str(t["task"]), difficulty=str(t.get("difficulty", "")),
+                reward=_reward(t["reward"]), end=str(t["end"]), steps=steps)
+
+
+def _evaluation(run_dir: Path, f: Path) -> list[dict]:
+    """The episodes of one evaluation 06 saved with their steps (eval-<agent>-<split>-<mode>.json)."""
+    result, out = json.loads(f.read_text()), []
+    source = f"eval {result.get('split', '')} {result.get('mode', '')}".strip()
+    for r in result.get("records", []):
+        if "trace" in r:
+            steps = [_step(run_dir, f.parent / s["screenshot"] if s.get("screenshot") else None, str(s["memory"]),
+                           str(s["action"]), s["action_error"], None, None, s.get("marks", []), s.get("tokens"))
+                     for s in r["trace"]]
+            out.append(dict(source=source, version=None, task=str(r["task"]), difficulty=str(r.get("difficulty", "")),
+                            reward=_reward(r["reward"]), end=str(r["end"]), steps=steps))
+    return out
 
 
 def write_report(run_dir: Path) -> Path:
@@ -101,9 +131,11 @@ def write_report(run_dir: Path) -> Path:
     if not data["episodes"] and not data["metrics"]:
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl, logged trajectories or evaluations to show")
     page = PAGE.replace("TITLE", html.escape(data["run"])).replace(
-        "DATA", json.dumps(data, separators=(",", ":")).replace("</", "<\\/"))
+        "DATA", json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/"))
     out = run_dir / "report.html"
     out.write_text(page)
+    if data["skipped"]:
+        print(f"report: skipped {len(data['skipped'])} unreadable file(s), e.g. {data['skipped'][0]}")
     return out
 
 
@@ -113,7 +145,8 @@ PAGE = """<!doctype html>
 body { font: 14px system-ui, sans-serif; margin: 1em 2em; color: #222; }
 h1 { font-size: 1.3em; } h2 { font-size: 1.1em; margin-top: 1.5em; }
 #curves { display: flex; gap: 1.5em; flex-wrap: wrap; } #curves svg { background: #fafafa; border: 1px solid #ddd; }
-#filters select { margin-right: 1em; } table { border-collapse: collapse; margin-top: .5em; }
+#filters select { margin-right: 1em; } table { border-collapse: collapse; }
+#list { max-height: 40vh; overflow: auto; margin-top: .5em; display: inline-block; }
 td, th { padding: 2px 8px; border-bottom: 1px solid #eee; text-align: left; } tbody tr { cursor: pointer; }
 tbody tr:hover { background: #eef; } .ok { color: #080; } .fail { color: #a00; }
 .step { display: flex; gap: 1.5em; margin: 1em 0; padding-bottom: 1em; border-bottom: 1px solid #eee; }
@@ -123,14 +156,14 @@ tbody tr:hover { background: #eef; } .ok { color: #080; } .fail { color: #a00; }
 .box { position: absolute; border: 2px solid rgba(255, 0, 0, .8); box-sizing: border-box; }
 .typed { position: absolute; background: #ffc; border: 1px solid #aa8; padding: 2px 4px; line-height: 1.2;
          font-size: 12px; white-space: pre; transform: translate(10px, 8px); }
-.reply { font-family: ui-monospace, monospace; white-space: pre-wrap; max-width: 60em; }
+.reply { font-family: ui-monospace, monospace; white-space: pre-wrap; overflow-wrap: anywhere; max-width: 60em; }
 .error { color: #a00; font-weight: bold; } .meta { color: #666; }
 </style></head><body>
 <h1>asyncwebrl run: TITLE</h1>
 <div id="curves"></div>
 <h2>Episodes</h2><div id="filters"></div><div id="count" class="meta"></div>
-<table id="index"><thead><tr><th>#</th><th>source</th><th>version</th><th>task</th><th>difficulty</th>
-<th>reward</th><th>end</th><th>steps</th></tr></thead><tbody></tbody></table>
+<div id="list"><table id="index"><thead><tr><th>#</th><th>source</th><th>version</th><th>task</th><th>difficulty</th>
+<th>reward</th><th>end</th><th>steps</th></tr></thead><tbody></tbody></table></div>
 <div id="episode"></div>
 <script id="data" type="application/json">DATA</script>
 <script>
@@ -148,7 +181,7 @@ function curve(title, key) {  // one small line plot of a metric against the pol
   const text = (x, y, s) => { const t = document.createElementNS(ns, 'text'); t.setAttribute('x', x); t.setAttribute('y', y);
                               t.setAttribute('font-size', 11); t.textContent = s; svg.append(t); };
   text(P, 12, title);
-  if (!pts.length) text(P, H / 2, '(not in this run\'s metrics)');
+  if (!pts.length) text(P, H / 2, '(not logged in this run)');
   if (pts.length) {
     const xs = pts.map(p => p[0]), ys = pts.map(p => p[1]);
     const x0 = Math.min(...xs), x1 = Math.max(...xs) || 1, y0 = Math.min(...ys), y1 = Math.max(...ys);

@@ -72,18 +72,25 @@ def writing(run: Path) -> dict[str, set]:
 
 
 def attempt(run: Path, resume: bool, trigger: str | None, rng: random.Random, log, updates: int) -> dict:
-    """Start (or resume) the run; kill it when `trigger` happens ("checkpoint", "refresh", "random"); None: let it
-    finish."""
+    """Start (or resume) the run; kill it when `trigger` happens: during its first or second checkpoint write
+    ("checkpoint") or weight refresh ("refresh"), or at a random moment after its first update ("random", 0-15 s
+    later: a moment in the start-up alone would test little). None: let it finish."""
     argv = ["--resume", str(run)] if resume else ["--run-dir", str(run), "--weights-dir", str(run / "weights"),
                                                   "--updates", str(updates), *TRAIN]
     proc = subprocess.Popen([sys.executable, str(ROOT / "05_train.py"), *argv], stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    t0, at = time.perf_counter(), rng.uniform(3.0, 25.0)
-    old = writing(run)  # left by an earlier kill: not a write of this attempt
+    t0, nth, delay, rows = time.perf_counter(), rng.randint(1, 2), rng.uniform(0.0, 15.0), len(versions(run))
+    old, seen, progress_at = writing(run), set(), None  # what an earlier kill left is not a write of this attempt
     while proc.poll() is None:
-        hit = {"checkpoint": lambda: bool(writing(run)["checkpoint"] - old["checkpoint"]),
-               "refresh": lambda: bool(writing(run)["refresh"] - old["refresh"]),
-               "random": lambda: time.perf_counter() - t0 > at}.get(trigger, lambda: False)()
+        hit = False
+        if trigger in ("checkpoint", "refresh"):
+            now = writing(run)[trigger] - old[trigger]
+            seen |= {name for name, _ in now}
+            hit = bool(now) and len(seen) >= nth
+        elif trigger == "random":
+            if progress_at is None and len(versions(run)) > rows:
+                progress_at = time.perf_counter()
+            hit = progress_at is not None and time.perf_counter() - progress_at > delay
         if hit:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
@@ -92,7 +99,7 @@ def attempt(run: Path, resume: bool, trigger: str | None, rng: random.Random, lo
     return dict(trigger=trigger, killed=False, rc=proc.returncode, after_s=round(time.perf_counter() - t0, 2))
 
 
-def run(folder: Path, kills: int, updates: int = 10, seed: int = 0) -> dict:
+def run(folder: Path, kills: int, updates: int = 30, seed: int = 0) -> dict:
     rng = random.Random(seed)
     triggers = ["checkpoint", "refresh"] + [rng.choice(["checkpoint", "refresh", "random", "random"])
                                             for _ in range(max(0, kills - 2))]
@@ -132,7 +139,7 @@ def run(folder: Path, kills: int, updates: int = 10, seed: int = 0) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kills", type=int, default=10, help="kills before the run may finish (default: 10)")
-    p.add_argument("--updates", type=int, default=10, help="updates of the run (default: 10)")
+    p.add_argument("--updates", type=int, default=30, help="updates of the run (default: 30)")
     p.add_argument("--seed", type=int, default=0, help="seeds the kill moments (default: 0)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "kill_resume", help="default: runs/kill_resume")
     p.add_argument("--out", type=Path, default=ROOT / "figures" / "kill_resume.json",

@@ -81,6 +81,19 @@ def pss_mb(pids) -> float:
     return total / 1024
 
 
+def trimmed() -> float:
+    """This process's PSS after glibc's malloc_trim(0) hands the heap it holds but does not use back to the system:
+    what is left is what is really in use (torch and numpy free CPU buffers of many sizes from many threads, and
+    glibc keeps much of it)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    return pss_mb([os.getpid()])
+
+
 class FaultyEnv:
     """A BrowserEnv slot that injects page faults before a step; records every injection by episode."""
 
@@ -220,8 +233,9 @@ def run(cfg: SoakConfig) -> dict:
         while not loop.stop.wait(0.2):
             started = loop.stats.started
             if started >= mark:
-                mine = soak.ours()
-                memory.append(dict(started=started, python_mb=round(pss_mb([os.getpid()]), 1),
+                mine, python_mb = soak.ours(), pss_mb([os.getpid()])
+                memory.append(dict(started=started, python_mb=round(python_mb, 1),
+                                   python_trimmed_mb=round(trimmed(), 1),
                                    chromium_mb=round(pss_mb([p for p in chromium_pids() if p in mine]), 1)))
                 print(f"[soak] {started} episodes started, {loop.stats.faults} faults, {loop.version} updates, "
                       f"python {memory[-1]['python_mb']:.0f} MB, chromium {memory[-1]['chromium_mb']:.0f} MB",
@@ -239,8 +253,11 @@ def run(cfg: SoakConfig) -> dict:
         error = str(e)
     loop.stop.set()
     watcher.join()
-    time.sleep(1.0)  # the killed and closed chromium processes take a moment to be reaped
-    left = {p: c for p, c in chromium_pids().items() if p not in before}
+    for _ in range(50):  # the killed and closed chromium processes take a moment to exit (longer on a busy machine)
+        left = {p: c for p, c in chromium_pids().items() if p not in before}
+        if not left:
+            break
+        time.sleep(0.2)
     ledger = loop.ledger()
     by_id = {t.id: t for t in loop.pool.trajectory_log}
     trained = [by_id[i] for i in loop.trained_ids]
@@ -262,6 +279,7 @@ def run(cfg: SoakConfig) -> dict:
                   ledger=ledger, injected=soak.injections, faults_by_end=ledger["faults_by_end"], checks=checks,
                   passed=all(checks.values()), memory=memory,
                   memory_growth=dict(python_mb=round(last["python_mb"] - first["python_mb"], 1),
+                                     python_trimmed_mb=round(last["python_trimmed_mb"] - first["python_trimmed_mb"], 1),
                                      chromium_mb=round(last["chromium_mb"] - first["chromium_mb"], 1),
                                      from_started=first["started"], to_started=last["started"]),
                   chromium_left=list(left.values())[:5], error=error)

@@ -1,4 +1,5 @@
-"""Mutation score of the loss (03) and the loop (04 and its learner, asyncwebrl/learner.py) from a finished
+"""Mutation score of the loss (03) and the loop (04 with what it moved to the package: its learner, records and fault
+handling, asyncwebrl/learner.py, records.py, faults.py) from a finished
 `mutmut run` (see README, "Mutation testing").
 
     pip install -e .[mutation] && mutmut run --max-children 2 && python tests/mutation_score.py
@@ -14,7 +15,8 @@ import sys
 
 LEFT_OUT = ("x_main_", "x_real_run_", "x__figure_")
 PARTS = (("loss (03_grpo_loss.py)", ("03_grpo_loss.",)),
-         ("loop (04_async_loop.py and asyncwebrl/learner.py)", ("04_async_loop.", "asyncwebrl.learner.")))
+         ("loop (04_async_loop.py, asyncwebrl/learner.py, records.py, faults.py)",
+          ("04_async_loop.", "asyncwebrl.learner.", "asyncwebrl.records.", "asyncwebrl.faults.")))
 
 
 def results() -> list[tuple[str, str]]:

@@ -33,8 +33,9 @@ def make_run(root):
     run = root / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(dict(version=v, success=s, steps=3 - v / 2,
-                                                                  tokens_per_step=20 - v))
-                                                 for v, s in ((1, 0.25), (2, 0.5), (3, 0.75))) + "\n")
+                                                                  tokens_per_step=t))  # NaN: a mean over nothing
+                                                 for v, s, t in ((1, 0.25, float("nan")), (2, 0.5, 18),
+                                                                 (3, 0.75, 17))) + "\n")
     trajs = {("v0001", "traj1"): dict(reward=1.0, end="task_done", steps=[
                  dict(reply="Memory: go\nAction: click(#1)", action_error=None, version=0, marks=MARKS)]),
              ("v0003", "traj9"): dict(reward=0.0, end="max_steps", steps=[
@@ -50,7 +51,7 @@ def make_run(root):
                                                                 seed=1, trained_at=int(v[1:]) - 1, **t)))
     (run / "eval-model-test-greedy" / "e0").mkdir(parents=True)
     (run / "eval-model-test-greedy" / "e0" / "step00.jpg").write_bytes(_jpeg())
-    record = dict(task="miniwob/enter-text", difficulty="medium", reward=0.0, end="max_steps", steps=[
+    record = dict(task="miniwob/enter-text", difficulty="medium", reward=0.0, end="max_steps", steps=1, trace=[
         dict(memory="typing", action='type(#0, "hello")', action_error=None, tokens=9, marks=MARKS,
              screenshot="eval-model-test-greedy/e0/step00.jpg")])
     (run / "eval-model-test-greedy.json").write_text(json.dumps(dict(split="test", mode="greedy", records=[record])))
@@ -68,6 +69,7 @@ def test_the_data_has_every_episode_its_staleness_and_where_each_action_acts(tmp
     assert [s["staleness"] for s in failed["steps"]] == [1, 0] and ok["steps"][0]["staleness"] == 0
     assert typed["steps"][0]["target"]["text"] == "hello" and typed["steps"][0]["size"] == [160, 210]
     assert [m["success"] for m in data["metrics"]] == [0.25, 0.5, 0.75]
+    assert [m["tokens_per_step"] for m in data["metrics"]] == [None, 18, 17]
 
 
 @given(st.text(max_size=80), st.lists(st.lists(st.floats(-1e6, 1e6), min_size=4, max_size=4), max_size=5))
@@ -75,6 +77,24 @@ def test_the_data_has_every_episode_its_staleness_and_where_each_action_acts(tmp
 def test_any_reply_gives_a_target_on_the_screenshot_or_none(text, marks):
     t = target(text, marks, (160, 210))
     assert t is None or (isinstance(t["label"], str) and ("x" not in t or isinstance(t["x"], float | int)))
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+                    max_leaves=12)
+
+
+@given(st.one_of(st.text(max_size=200), JSON.map(json.dumps),
+                 st.fixed_dictionaries({"steps": st.lists(st.dictionaries(
+                     st.sampled_from(["reply", "action_error", "version", "screenshot", "marks", "tokens"]), JSON),
+                     max_size=3)}, optional={"task": JSON, "reward": JSON, "end": JSON}).map(json.dumps)))
+@settings(max_examples=150, deadline=None)
+def test_any_damaged_trajectory_file_is_skipped_and_said_the_rest_is_shown(tmp_path_factory, text):
+    run = make_run(tmp_path_factory.mktemp("damaged"))
+    (run / "trajectories" / "v0003" / "traj9" / "trajectory.json").write_text(text)
+    out = write_report(run)
+    data = collect(run)
+    assert out.is_file() and len(data["episodes"]) + len(data["skipped"]) == 3 and data["episodes"][0]["success"]
 
 
 @pytest.mark.browser
