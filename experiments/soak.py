@@ -70,6 +70,14 @@ def chromium_pids() -> dict[int, str]:
     return out
 
 
+def started_at(pid: int) -> str:
+    """The process's start time (clock ticks since boot): with the pid, it names one process, even after pid reuse."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
 def pss_mb(pids) -> float:
     """Proportional set size, MB: memory shared between processes (chromium's renderers share much) counts once."""
     total = 0
@@ -225,12 +233,17 @@ def run(cfg: SoakConfig) -> dict:
     envs = FaultyEnvs(store, EnvConfig(step_timeout_s=cfg.step_timeout_s), soak)
     loop_cfg = loop_mod.LoopConfig(workers=cfg.workers, group_size=4, batch_groups=2, updates=10**6, seed=cfg.seed)
     loop = loop_mod.Loop(loop_cfg, envs, sampler, learner, tasks, store)
-    before = set(chromium_pids())
+    launched: set[tuple[int, str]] = set()  # (pid, start time) of every chromium process this run started
+
+    def note_ours() -> None:  # chromium under this process, seen every 0.2 s: its renderers live for seconds
+        mine = soak.ours()
+        launched.update((p, started_at(p)) for p in chromium_pids() if p in mine)
     memory, t0 = [], time.perf_counter()
 
     def watch():  # memory at every hundred episodes started; the stop once N have started
         mark = 0
         while not loop.stop.wait(0.2):
+            note_ours()
             started = loop.stats.started
             if started >= mark:
                 mine, python_mb = soak.ours(), pss_mb([os.getpid()])
@@ -254,7 +267,8 @@ def run(cfg: SoakConfig) -> dict:
     loop.stop.set()
     watcher.join()
     for _ in range(50):  # the killed and closed chromium processes take a moment to exit (longer on a busy machine)
-        left = {p: c for p, c in chromium_pids().items() if p not in before}
+        alive = chromium_pids()  # (other programs' chromium, a concurrent soak's say, are not ours to count)
+        left = {p: alive[p] for p, t in launched if p in alive and started_at(p) == t}
         if not left:
             break
         time.sleep(0.2)
@@ -272,7 +286,7 @@ def run(cfg: SoakConfig) -> dict:
         no_fault_trained=all(t.end in env.AGENT_ENDS for t in trained),
         no_injected_episode_trained=not soak.faulted_episodes & {t.episode for t in trained},
         screenshot_store_empty=len(store) == 0,
-        no_chromium_left=not left,
+        no_chromium_left=bool(launched) and not left,  # (none seen would make this check say nothing)
     )
     first, last = memory[min(1, len(memory) - 1)], memory[-1]  # the first hundred: after start-up (model, browser)
     result = dict(config=dataclasses.asdict(cfg), wall_s=round(time.perf_counter() - t0, 1), updates=loop.version,
@@ -282,7 +296,7 @@ def run(cfg: SoakConfig) -> dict:
                                      python_trimmed_mb=round(last["python_trimmed_mb"] - first["python_trimmed_mb"], 1),
                                      chromium_mb=round(last["chromium_mb"] - first["chromium_mb"], 1),
                                      from_started=first["started"], to_started=last["started"]),
-                  chromium_left=list(left.values())[:5], error=error)
+                  chromium_seen=len(launched), chromium_left=list(left.values())[:5], error=error)
     return result
 
 
