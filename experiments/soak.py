@@ -62,18 +62,23 @@ def chromium_pids() -> dict[int, str]:
     out = {}
     for d in Path("/proc").iterdir():
         try:
-            if d.name.isdigit() and "chromium" in (d / "comm").read_text() + (d / "cmdline").read_text():
-                if (d / "stat").read_text().split(") ")[1][0] != "Z":  # a zombie is gone already
+            if d.name.isdigit() and (d / "comm").read_text().strip() == "chromium":  # its renderers too
+                if stat(int(d.name))[0] != "Z":  # a zombie is gone already
                     out[int(d.name)] = (d / "cmdline").read_text().replace("\0", " ")
         except OSError:
             continue
     return out
 
 
+def stat(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name: state, ppid, ... (raises OSError when the process is gone)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+
+
 def started_at(pid: int) -> str:
     """The process's start time (clock ticks since boot): with the pid, it names one process, even after pid reuse."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].split()[19]
+        return stat(pid)[19]
     except (OSError, IndexError):
         return ""
 
@@ -197,7 +202,7 @@ class Soak:
         for d in Path("/proc").iterdir():
             try:
                 if d.name.isdigit():
-                    ppid = int((d / "stat").read_text().split(") ")[1].split()[1])
+                    ppid = int(stat(int(d.name))[1])
                     children.setdefault(ppid, []).append(int(d.name))
             except (OSError, IndexError, ValueError):
                 continue

@@ -142,6 +142,8 @@ def open_real_report(run_dir, shot_path=None) -> dict:
     from playwright.sync_api import sync_playwright
 
     out, seen = write_report(run_dir), dict(episodes=0, images=0, markers=0)
+    seen["drawable"] = sum(bool(s["image"] and s["target"] and "x" in s["target"])
+                           for e in collect(run_dir)["episodes"] for s in e["steps"])  # clicks and typing on a mark
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=EnvConfig().chromium, args=CHROMIUM_FLAGS)
         try:
