@@ -312,8 +312,9 @@ class HFSampler(_Prompter):
 
 
 def make_sampler(cfg: PolicyConfig, engine: str = "auto", engine_cfg=None):
-    """engine: hf | vllm | auto (vLLM when installed and on GPU with an unconstrained policy, else transformers).
-    The vLLM engine lives in asyncwebrl/vllm_engine.py (GPU machinery; `engine_cfg` is its EngineConfig)."""
+    """engine: hf | hf-process | vllm | auto (vLLM when installed and on GPU with an unconstrained policy, else
+    transformers). vLLM lives in asyncwebrl/vllm_engine.py (GPU machinery; `engine_cfg` is its EngineConfig);
+    hf-process is this file's HFSampler in a process of its own (asyncwebrl/engine_process.py)."""
     if engine == "auto":
         try:
             import vllm  # noqa: F401
@@ -324,6 +325,10 @@ def make_sampler(cfg: PolicyConfig, engine: str = "auto", engine_cfg=None):
         from asyncwebrl.vllm_engine import VLLMSampler
 
         return VLLMSampler(cfg, engine_cfg)
+    if engine == "hf-process":
+        from asyncwebrl.engine_process import ProcessSampler
+
+        return ProcessSampler(cfg)
     return HFSampler(cfg)
 
 

@@ -199,6 +199,9 @@ class RolloutPool:
                 except asyncio.CancelledError:  # the loop stopped mid-episode
                     self.stats.cut += 1
                     raise
+                except faults.EngineDead:  # not this episode's fault: the pool stops (faults.replace_dead)
+                    self.stats.cut += 1
+                    raise
                 except Exception as e:  # the environment's or the judge's fault, not the agent's: never trained
                     slot_env = await faults.on_fault(self, i, slot_env, slot, e)  # run the slot again (or give up)
                     continue
@@ -270,7 +273,8 @@ class RolloutPool:
         self._changed = asyncio.Event()
         self.batcher = Batcher(self.sampler, self.store, self.cfg.max_inference_batch, self.timeline, self.stats)
         await self.envs.start()
-        if hasattr(self.sampler, "start"):  # an engine that lives in this event loop (vLLM's AsyncLLM)
+        if hasattr(self.sampler, "start"):  # an engine that batches by itself (vLLM, or 02's in its own process)
+            self.sampler.timeline = self.timeline  # where it records its batches, if it can see them
             await self.sampler.start()
         tasks = [asyncio.create_task(self._worker(i)) for i in range(self.cfg.workers)]
         server = asyncio.create_task(self.batcher.serve())

@@ -82,7 +82,8 @@ class TrainConfig:
     warmstart_episodes: int = opt(160, "scripted demonstration episodes played for the warm start")
     # policy
     model: str = opt(str(policy_mod.TINY_MODEL_DIR), "model path or hub name (the tiny model is built if absent)")
-    engine: str = opt("auto", "rollout engine: hf (transformers generate) | vllm | auto (vllm on GPU if installed)")
+    engine: str = opt("auto", "rollout engine: hf (transformers generate, in the trainer's process) | hf-process "
+                      "(the same in a process of its own) | vllm | auto (vllm on GPU if installed, else hf)")
     history: int = opt(3, "past actions shown in the prompt")
     images: int = opt(1, "screenshots in the prompt (the latest N)")
     max_new_tokens: int = opt(48, "reply budget in tokens")

@@ -41,7 +41,8 @@ AT_LEAST = dict(seed=0, updates=0, checkpoint_every=1, keep_checkpoints=1, log_t
                 gpus=-1, nodes=1, rollout_gpus=0, trainer_procs=1, weight_decay=0.0, max_model_len=256)
 AT_MOST = dict(gpus=1024, nodes=4096, rollout_gpus=1024, trainer_procs=1024)  # a typo, not a cluster
 POSITIVE = ("lr", "temperature", "eps_clip", "grad_clip", "k", "dist_timeout_min", "gpu_memory_utilization")
-CHOICES = dict(engine=("auto", "hf", "vllm"), split=("train", "test"), constrained=("auto", "on", "off"),
+CHOICES = dict(engine=("auto", "hf", "hf-process", "vllm"), split=("train", "test"),
+               constrained=("auto", "on", "off"),
                mode=("async", "sync"), normalizer=("const", "traj"), judge=("rubric_keywords", "chat"),
                adv_std=("unbiased", "population"))
 

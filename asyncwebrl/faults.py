@@ -7,7 +7,7 @@ screenshots are freed, it is counted under its end reason (Stats.faults_by_end),
 again on a fresh env slot, already admitted. After `slot_retries` faults of the same slot the group is abandoned
 and its finished trajectories are counted abandoned and freed (the released code's rollout service likewise drops
 a task whose rollouts fail). A worker that dies outside an episode is replaced. A long run of groups rejected for
-equal rewards is said aloud, since no update can form.
+equal rewards is said aloud, since no update can form. A dead engine is not a fault of one episode: it stops the loop.
 """
 from __future__ import annotations
 
@@ -23,6 +23,10 @@ class EpisodeFault(Exception):
     def __init__(self, end: str, info: dict):
         super().__init__(f"{end}: {info.get('error') or info.get('judge_error') or 'no detail'}")
         self.end = end
+
+
+class EngineDead(RuntimeError):
+    """The rollout engine is gone: no episode can go on, so the loop stops with this error (never retried)."""
 
 
 async def on_fault(pool, i: int, slot_env, slot, error: Exception):
@@ -54,6 +58,8 @@ def replace_dead(workers: list, start) -> None:
     """A worker task that died anyway (a bug outside its episode) is replaced: the pool keeps its size."""
     for k, t in enumerate(workers):
         if t.done() and not t.cancelled() and t.exception() is not None:
+            if isinstance(t.exception(), EngineDead):
+                raise t.exception()  # every episode needs the engine: stop the loop, loudly
             print(f"[pool] worker {k} died: {t.exception()!r}; replaced", flush=True)
             workers[k] = asyncio.create_task(start(k))
 

@@ -260,11 +260,18 @@ def make_figures(dirs: list[Path], out: Path | None = None) -> list[Path]:
     runs = [r for r in loaded if r["kind"] == "train"]
     made = []
     for bench in (r for r in loaded if r["kind"] == "throughput"):
+        sim = next((f for f in (bench["dir"] / "paper_scale.json", ROOT / "figures" / "paper_scale.json")
+                    if f.is_file()), None)
+        simulated = _json(sim) if sim else None  # the paper-scale study (experiments/paper_scale.py), if run
+        if simulated is not None and not (isinstance(simulated, dict) and isinstance(simulated.get("variants"), dict)):
+            raise RunLogError(f"{sim}: not a paper_scale result")
         try:
-            throughput_figure(bench["throughput"], out / "fig1_throughput.png")
+            fig1_figure(bench["throughput"], simulated, out / "fig1_throughput.png")
         except (KeyError, TypeError, ValueError, IndexError, AttributeError):  # written by hand, or by another version
-            raise RunLogError(f"{bench['dir'] / 'throughput.json'}: not a compare_sync result") from None
-        (out / "fig1_throughput.json").write_text(json.dumps(bench["throughput"], indent=1) + "\n")
+            raise RunLogError(f"{bench['dir'] / 'throughput.json'} or {sim}: not a compare_sync / paper_scale "
+                              "result") from None
+        (out / "fig1_throughput.json").write_text(json.dumps(dict(measured=bench["throughput"], simulated=simulated),
+                                                             indent=1) + "\n")
         made.append(out / "fig1_throughput.png")
     if not runs:
         return made
@@ -342,5 +349,86 @@ def throughput_figure(summary: dict, path: Path) -> None:
     fig.legend(handles, list(colors), loc="lower center", ncol=len(colors), fontsize=8)
     fig.suptitle(f"asyncwebrl throughput benchmark (commit {summary['commit']}; {summary['machine']})", fontsize=9)
     fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+PAPER_SPEEDUP = 2.9  # the paper's end-to-end throughput over WebGym's synchronous pipeline (48 + 16 H100s)
+
+
+VARIANT_COLOURS = {"sync": "tab:blue", "async, staleness 0": "tab:purple", "async, drained pool": "tab:orange",
+                   "async, screenshots by value": "tab:green", "async (full)": "tab:red"}
+
+
+def _vs_sync_bars(ax, names, ratios, title, whiskers=None):
+    palette = [VARIANT_COLOURS.get(n, "tab:grey") for n in names]
+    err = None if whiskers is None else [[r - min(w) for r, w in zip(ratios, whiskers)],
+                                         [max(w) - r for r, w in zip(ratios, whiskers)]]
+    ax.barh(names, ratios, color=palette, xerr=err, capsize=3)
+    for i, r in enumerate(ratios):
+        ax.text(r, i, f" {r:.2f}x", va="center", fontsize=8)
+    ax.axvline(PAPER_SPEEDUP, color="k", ls="--", lw=1, label=f"paper: up to {PAPER_SPEEDUP}x (64 H100s)")
+    ax.set_xlabel("trained throughput / sync")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+
+
+def paper_scale_figure(result: dict, path: Path) -> None:
+    """experiments/paper_scale.py: the ablation bars and the two sweeps, every panel labelled SIMULATED."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    v = result["variants"]
+    sweeps = [(k, x, lab) for k, x, lab in (
+        ("sweep_spread", "length_cv", "spread of episode lengths (coefficient of variation)"),
+        ("sweep_train", "train_over_rollout", "train time / rollout time per update (each alone)")) if result.get(k)]
+    fig, axes = plt.subplots(1, 1 + len(sweeps), figsize=(5.5 * (1 + len(sweeps)), 4.2), squeeze=False)
+    _vs_sync_bars(axes[0][0], list(v), [r["vs_sync"] for r in v.values()],
+                  f"SIMULATED, paper scale: overlap efficiency {result['overlap_efficiency']:.2f}")
+    for ax, (key, x, label) in zip(axes[0][1:], sweeps):
+        rows = result[key]
+        ax.plot([r[x] for r in rows], [r["ratio"] for r in rows], "o-", color="tab:red")
+        ax.axhline(1, color="grey", lw=0.8)
+        if key == "sweep_spread":
+            ax.axvline(v["async (full)"]["length_cv"], color="k", ls=":", lw=1, label="default profile")
+        else:
+            ax.axvline(result["rollout_over_train"] ** -1, color="k", ls=":", lw=1, label="default profile")
+        ax.set_xlabel(label)
+        ax.set_ylabel("async / sync (trained trajectories per second)")
+        ax.set_title("SIMULATED: " + ("length spread" if key == "sweep_spread" else "train vs rollout time"),
+                     fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle("04's scheduler on simulated time, the paper's workload (experiments/paper_scale.py; stand-in "
+                 "envs, engine and trainer, not GPUs)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def fig1_figure(measured: dict, simulated: dict | None, path: Path) -> None:
+    """fig. 1: async against sync, the CPU benchmark (measured) beside the paper-scale study (simulated)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    rows = measured["ablation"]
+    _vs_sync_bars(axes[0], [r["name"] for r in rows], [r["vs_sync"] for r in rows],
+                  f"MEASURED, {measured['machine']}\nmedian of {measured.get('repeats', 1)} paired repeats "
+                  f"(whiskers min-max); overlap efficiency {measured['overlap_efficiency']:.2f}",
+                  whiskers=[r.get("vs_sync_runs", [r["vs_sync"]]) for r in rows])
+    if simulated is not None:
+        v = simulated["variants"]
+        _vs_sync_bars(axes[1], list(v), [r["vs_sync"] for r in v.values()],
+                      "SIMULATED, the paper's scale (48 engines, G=8, 16 groups)\n04's scheduler, stand-in durations; "
+                      f"overlap efficiency {simulated['overlap_efficiency']:.2f}")
+    else:
+        axes[1].text(0.5, 0.5, "no figures/paper_scale.json:\npython -m experiments.paper_scale", ha="center")
+        axes[1].set_axis_off()
+    fig.suptitle("Fig. 1: end-to-end trained throughput, async against sync", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -58,7 +58,7 @@ def encode(tokenizer, image_processor, prompts: list[str], images: list[list], r
 def load_model(cfg, trainable: bool, build_tiny_model):
     """(model, tokenizer, image_processor) through the ordinary from_pretrained path, tiny model or Qwen3-VL-8B
     (02's PolicyConfig; the tiny model is built with 02's prompt if absent)."""
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
     path = cfg.model
     if Path(path).resolve() == TINY_MODEL_DIR.resolve():
@@ -70,16 +70,23 @@ def load_model(cfg, trainable: bool, build_tiny_model):
     # weights most AdamW steps at lr 5e-6 round away (half an ulp of a 0.02 weight is 6e-5)
     dtype = torch.float32 if trainable else compute_dtype(cfg, device)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     image_processor = AutoImageProcessor.from_pretrained(path, backend="pil") if device == "cpu" else \
         AutoImageProcessor.from_pretrained(path)
-    if tokenizer.chat_template is None:  # some Qwen-VL repos keep the template with the processor only
-        tokenizer.chat_template = CHAT_TEMPLATE
     model.train(trainable)
     model.requires_grad_(trainable)
     if trainable and cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model, tokenizer, image_processor
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.chat_template is None:  # some Qwen-VL repos keep the template with the processor only
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def quiet_libraries() -> None:

@@ -28,6 +28,11 @@ class Timeline:
             with self._lock:
                 self.spans.append((component, kind, start, time.perf_counter() - self.t0, info))
 
+    def add(self, component: str, kind: str, start: float, end: float, **info) -> None:
+        """A span timed elsewhere (perf_counter values; another process on this machine: the same clock)."""
+        with self._lock:
+            self.spans.append((component, kind, start - self.t0, end - self.t0, info))
+
     def utilisation(self, wall: float | None = None) -> dict[str, float]:
         """Busy fraction per component (idle spans excluded); env workers are averaged into "env"."""
         wall = wall or max((s[3] for s in self.spans), default=1.0)
