@@ -13,9 +13,10 @@ This file defines, in reading order:
   encode              (asyncwebrl/model_io.py) turns prompts + screenshots (+ response tokens) into model inputs;
                       the trainer and the sampler both call it, so they see the very same tokens
   Policy              the training side: per-token log-probs of response tokens (with a mask), images included
-  Samplers            the rollout side: transformers `generate` here (CPU, fallback), vLLM in
-                      asyncwebrl/vllm_engine.py (GPU); both return token ids + behaviour log-probs + the policy
-                      version, and load new weights from files, atomically with respect to sampling
+  Samplers            the rollout side: transformers `generate` here (CPU, fallback; in a process of its own
+                      with asyncwebrl/engine_process.py), vLLM in asyncwebrl/vllm_engine.py (GPU); all return token
+                      ids + behaviour log-probs + the policy version, and load new weights from files, atomically
+                      with respect to sampling
 
 Run `python 02_policy.py` to build the tiny model (once) and let it act on one MiniWoB++ page.
 

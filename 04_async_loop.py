@@ -16,8 +16,10 @@ Why threads, in one process: the rollout side is I/O (a browser per episode, dri
 asyncio loop runs all N episodes) plus inference; the trainer is a long torch computation. torch releases the GIL
 inside its kernels, so a trainer thread and a rollout thread do overlap, and sharing one process means the
 sampler's weights, the screenshot store and the buffer are plain Python objects: screenshots stay in the store
-and only keys move (the paper's lightweight screenshot handling). On a GPU node the trainer and the sampler sit on
-different devices; extra processes (multi-GPU placement) belong to 05_train.py, not to this file's logic.
+and only keys move (the paper's lightweight screenshot handling). The engine may live elsewhere: vLLM's engine core
+runs in its own process, and so does 02's transformers engine with `--engine hf-process` (asyncwebrl/
+engine_process.py), so that sampling and training stop taking turns at one interpreter; the pool then sends one
+request per episode step, as to vLLM. Extra processes for several GPUs belong to 05_train.py, not to this file.
 
 The everlasting pool: workers are never drained at an iteration boundary. A weight refresh lands between two
 steps of a running episode; every step records the policy version that produced it, so one trajectory may span
@@ -136,6 +138,8 @@ class RolloutPool:
         self.open: dict[int, Group] = {}  # groups with trajectories still running or waiting for siblings
         self.group_ids, self.traj_ids = itertools.count(), itertools.count()
         self.in_flight = 0  # episodes running now
+        self.held = 0  # finished trajectories in open groups, waiting for their siblings (counted, not summed: at
+        # the paper's scale _admit runs ~10^5 times an update and a sum over open groups dominated the pool's CPU)
         self.accepted = 0  # trajectories in groups accepted into the buffer, ever
         self.batcher: Batcher | None = None  # made in run(), in the pool's event loop
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -157,8 +161,7 @@ class RolloutPool:
         if self.draining:
             return False
         batch = c.batch_groups * c.group_size
-        waiting = sum(len(g.trajectories) for g in self.open.values())
-        running = self.in_flight + waiting
+        running = self.in_flight + self.held
         accepted = self.accepted - self.stats.dropped_stale  # a dropped group frees its admission
         version = self.trainer_version()
         if c.mode == "sync":  # only the current weights, and exactly one batch per version
@@ -245,9 +248,11 @@ class RolloutPool:
             self.store.free(traj.episode)
             return
         group.trajectories.append(traj)
+        self.held += 1
         if len(group.trajectories) < self.cfg.group_size:
             return
         del self.open[group.id]
+        self.held -= len(group.trajectories)
         rewards = {t.reward for t in group.trajectories}
         if self.cfg.dynamic_sampling and len(rewards) == 1:  # no GRPO signal: reject, free, sample another group
             self.stats.groups_rejected += 1

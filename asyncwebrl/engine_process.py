@@ -87,6 +87,8 @@ class ProcessSampler:
             return await asyncio.wait_for(future, REPLY_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise EngineDead(f"the engine process gave no reply in {REPLY_TIMEOUT_S:.0f} s") from None
+        finally:
+            self.waiting.pop(i, None)  # answered, timed out, or its episode was cancelled
 
     def load_weights(self, folder: str, version: int) -> list[str]:
         self._send(("load", str(folder), version))
@@ -105,10 +107,8 @@ class ProcessSampler:
         try:
             while True:
                 kind, *rest = self.conn.recv()
-                if kind == "sample":
-                    loop, future = self.waiting.pop(rest[0])
-                    reply = rest[1] if isinstance(rest[1], Exception) else self.pol.Sample(*rest[1])
-                    loop.call_soon_threadsafe(_settle, future, reply)
+                if kind == "sample" and (entry := self.waiting.get(rest[0])):  # else its episode was cancelled
+                    _settle(*entry, rest[1] if isinstance(rest[1], Exception) else self.pol.Sample(*rest[1]))
                 elif kind == "loaded":
                     with self.loaded_cond:
                         self.loaded[rest[0]] = rest[1]
@@ -120,7 +120,7 @@ class ProcessSampler:
             self.dead = (f"the engine process died (exit code {self.proc.exitcode})" if isinstance(e, (EOFError, OSError))
                          else f"the engine's reader failed: {type(e).__name__}: {e}")
             for loop, future in list(self.waiting.values()):
-                loop.call_soon_threadsafe(_settle, future, EngineDead(self.dead))
+                _settle(loop, future, EngineDead(self.dead))
             with self.loaded_cond:
                 self.loaded_cond.notify_all()
 
@@ -135,9 +135,16 @@ class ProcessSampler:
         self.conn.close()
 
 
-def _settle(future, reply) -> None:
-    if not future.done():
-        future.set_exception(reply) if isinstance(reply, Exception) else future.set_result(reply)
+def _settle(loop, future, reply) -> None:
+    """Resolve an asyncio future from the reader thread (nothing to do once its loop has closed)."""
+    def settle():
+        if not future.done():
+            future.set_exception(reply) if isinstance(reply, Exception) else future.set_result(reply)
+
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the event loop is closed: the pool has stopped
+        pass
 
 
 def _serve(conn, cfg: dict, threads: int, max_batch: int) -> None:

@@ -48,6 +48,7 @@ async def on_fault(pool, i: int, slot_env, slot, error: Exception):
 
 def abandon(pool, group) -> None:
     if pool.open.pop(group.id, None) is not None:
+        pool.held -= len(group.trajectories)
         pool.stats.abandoned += len(group.trajectories)
         pool.stats.groups_abandoned += 1
         free_group(pool.store, group)

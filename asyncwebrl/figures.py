@@ -420,6 +420,11 @@ def fig1_figure(measured: dict, simulated: dict | None, path: Path) -> None:
                   f"MEASURED, {measured['machine']}\nmedian of {measured.get('repeats', 1)} paired repeats "
                   f"(whiskers min-max); overlap efficiency {measured['overlap_efficiency']:.2f}",
                   whiskers=[r.get("vs_sync_runs", [r["vs_sync"]]) for r in rows])
+    if measured.get("cpu_ceiling_samples_per_s"):  # no pipeline can beat every core busy with useful work
+        sync = next(r for r in rows if r["name"] == "sync")["samples_per_s"]
+        axes[0].axvline(measured["cpu_ceiling_samples_per_s"] / sync, color="grey", ls=":", lw=1.5,
+                        label=f"CPU ceiling of {measured['cores']} cores")
+        axes[0].legend(fontsize=7, loc="lower right")
     if simulated is not None:
         v = simulated["variants"]
         _vs_sync_bars(axes[1], list(v), [r["vs_sync"] for r in v.values()],

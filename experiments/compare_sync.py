@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import statistics
 import time
@@ -51,6 +52,12 @@ class _NoTraining:
         return weights.write(self.policy.model.state_dict().items(), folder, dtype)
 
 
+def _cpu_s() -> float:
+    """CPU seconds of this process and of its children that have ended (the engine process, chromium)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def _timed_run(cfg, pcfg, tasks, name, keep_batch=False, no_training=False, **overrides) -> dict:
     store = env.ScreenshotStore()
     torch.manual_seed(cfg.seed)
@@ -66,9 +73,9 @@ def _timed_run(cfg, pcfg, tasks, name, keep_batch=False, no_training=False, **ov
             kept["groups"] = [loop_mod.by_value(g, store) for g in groups]
 
     loop.on_update = on_update
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_s()
     loop.run()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _cpu_s() - cpu0
     samples = sum(m["samples"] for m in loop.history)
     # steady state: from the end of the first update to the end of the last, so that start-up (chromium, first
     # pages, first model calls) does not decide the comparison; end-to-end numbers are kept beside it
@@ -80,6 +87,7 @@ def _timed_run(cfg, pcfg, tasks, name, keep_batch=False, no_training=False, **ov
                 end_to_end_samples_per_s=round(samples / wall, 4),
                 trajectories_per_s=round(loop.stats.trained / wall, 4),
                 utilisation=loop.timeline.utilisation(wall), dropped_stale=loop.stats.dropped_stale,
+                cpu_s_per_sample=round(cpu / samples, 4),
                 spans=spans), kept.get("groups"), learner
 
 
@@ -93,7 +101,7 @@ def compare_sync(cfg: TrainConfig, out: Path = ROOT / "figures", repeats: int = 
     place = placement(cfg)
     tasks, pcfg = load_tasks(cfg), policy_config(cfg, place)
     runs = {name: [] for name, _ in VARIANTS + [("rollout only", {})]}
-    train_sps = []
+    train_sps, train_cpu = [], []
     for rep in range(repeats):
         print(f"repeat {rep + 1}/{repeats}", flush=True)
         for name, overrides in VARIANTS:
@@ -103,12 +111,14 @@ def compare_sync(cfg: TrainConfig, out: Path = ROOT / "figures", repeats: int = 
                 batch, learner = groups, lrn
         runs["rollout only"].append(_timed_run(cfg, pcfg, tasks, "rollout only", no_training=True,
                                                mode="async")[0])
-        times = []
+        times, cpu0 = [], _cpu_s()
         for _ in range(3):  # train-only: the last async batch, again, on the trained weights
             t0 = time.perf_counter()
             learner.update(batch)
             times.append(time.perf_counter() - t0)
-        train_sps.append(sum(len(t.steps) for g in batch for t in g.trajectories) / statistics.median(times))
+        n = sum(len(t.steps) for g in batch for t in g.trajectories)
+        train_sps.append(n / statistics.median(times))
+        train_cpu.append((_cpu_s() - cpu0) / (3 * n))
 
     def median_run(rs):
         return sorted(rs, key=lambda r: r["samples_per_s"])[len(rs) // 2]
@@ -135,10 +145,17 @@ def compare_sync(cfg: TrainConfig, out: Path = ROOT / "figures", repeats: int = 
         speedup_async_over_sync_runs=by["async (full)"]["vs_sync_runs"],
         rollout_only_samples_per_s=rollout_sps, train_only_samples_per_s=round(train_sps_median, 4),
         overlap_efficiency=statistics.median(overlap), overlap_efficiency_runs=overlap,
+        # the machine's ceiling when both stages are CPU-bound: every core busy with one sample's rollout + training
+        cpu_s_per_sample=dict(rollout=statistics.median(r["cpu_s_per_sample"] for r in runs["rollout only"]),
+                              train=round(statistics.median(train_cpu), 4)),
+        cores=os.cpu_count(),
         ablation=[{k: r[k] for k in ("name", "wall_s", "samples", "trajectories", "samples_per_s",
                                      "samples_per_s_runs", "vs_sync", "vs_sync_runs", "end_to_end_samples_per_s",
-                                     "trajectories_per_s", "utilisation", "dropped_stale")} for r in results],
+                                     "trajectories_per_s", "utilisation", "dropped_stale", "cpu_s_per_sample")}
+                  for r in results],
         timelines={r["name"]: r["spans"] for r in results if r["name"] in ("sync", "async (full)")})
+    c = summary["cpu_s_per_sample"]
+    summary["cpu_ceiling_samples_per_s"] = round(summary["cores"] / (c["rollout"] + c["train"]), 4)
     out.mkdir(parents=True, exist_ok=True)
     (out / "throughput.json").write_text(json.dumps(summary, indent=1) + "\n")
     throughput_figure(summary, out / "throughput.png")
@@ -146,6 +163,9 @@ def compare_sync(cfg: TrainConfig, out: Path = ROOT / "figures", repeats: int = 
     for r in summary["ablation"]:
         print(f"{r['name']:30s} {r['samples_per_s']:10.3f} {r['end_to_end_samples_per_s']:11.3f} "
               f"{r['trajectories_per_s']:8.3f} {r['vs_sync']:7.2f}x  {r['utilisation']}")
+    c = summary["cpu_s_per_sample"]
+    print(f"CPU seconds a sample: rollout {c['rollout']}, training {c['train']}: with {summary['cores']} cores no "
+          f"pipeline can exceed {summary['cpu_ceiling_samples_per_s']} samples/s")
     print(f"rollout only {summary['rollout_only_samples_per_s']:.3f} samples/s, train only "
           f"{summary['train_only_samples_per_s']:.3f} samples/s; overlap efficiency "
           f"{summary['overlap_efficiency']:.2f} (1.0 = the slower stage never waits)")

@@ -101,6 +101,8 @@ def main(argv=None) -> int:
     p.add_argument("--updates", type=int, default=0, help="updates per run (default: the preset's)")
     p.add_argument("--episodes", type=int, default=10, help="held-out episodes per train task (default: 10)")
     p.add_argument("--test-episodes", type=int, default=3, help="episodes per test-split task (default: 3)")
+    p.add_argument("--engine", default="", help="05_train.py's --engine for the RL runs (default: its own)")
+    p.add_argument("--no-eval", action="store_true", help="train and draw the figures only (fig. 8 needs no evaluation)")
     args = p.parse_args(argv)
     train = ROOT / "05_train.py"
     from asyncwebrl import load
@@ -115,8 +117,9 @@ def main(argv=None) -> int:
         copy_runs(args.source, args.out, ["warmstart"] + [n for n, _, _ in runs])
     if not (ws_model / "config.json").is_file():
         sh([str(train), "--preset", "tiny-learn", "--updates", "0", "--run-dir", str(ws_run)])
-    summary = dict(warmstart=dict(train=evaluate_both(ws_model, args.episodes, learn_tasks),
-                                  test=evaluate(ws_model, "test", args.test_episodes)), runs={})
+    summary = dict(warmstart={} if args.no_eval else dict(train=evaluate_both(ws_model, args.episodes, learn_tasks),
+                                                          test=evaluate(ws_model, "test", args.test_episodes)),
+                   runs={})
     for name, seed, flags in runs:
         run = args.out / name
         if latest_version(run) != updates or not (run / "done").is_file():
@@ -125,14 +128,16 @@ def main(argv=None) -> int:
                 stale.unlink()
             sh([str(train), "--preset", "tiny-learn", "--warmstart-steps", "0", "--model", str(ws_model),
                 "--seed", str(seed), "--run-dir", str(run), *flags, "--updates", str(updates),
+                *(["--engine", args.engine] if args.engine else []),
                 *(["--resume", str(run)] if (run / "config.json").is_file() else [])])
             (run / "done").write_text(f"{before + time.time() - t0:.0f} s\n")
-        row = dict(updates=latest_version(run), wall_s=wall_s(run),
-                   train=evaluate_both(run, args.episodes, learn_tasks))
-        if name.startswith("const-async"):
+        row = dict(updates=latest_version(run), wall_s=wall_s(run))
+        if not args.no_eval:
+            row["train"] = evaluate_both(run, args.episodes, learn_tasks)
+        if name.startswith("const-async") and not args.no_eval:
             row["test"] = evaluate(run, "test", args.test_episodes)
         summary["runs"][name] = row
-    for decoding in ("greedy", "sampled"):
+    for decoding in () if args.no_eval else ("greedy", "sampled"):
         ws = summary["warmstart"]["train"][decoding]["success"]
         for prefix in ("const-async", "traj-async", "const-sync"):
             gains = [r["train"][decoding]["success"] - ws for n, r in summary["runs"].items() if n.startswith(prefix)]

@@ -556,6 +556,7 @@ def test_a_group_abandoned_after_a_sibling_finished_is_counted_once_and_freed(ca
     assert ledger["finished"] == ledger["trained"] + ledger["rejected"] + ledger["dropped_stale"] + \
         ledger["abandoned"] + ledger["leftover"] and ledger["trained"] == 6 * 2
     assert not any(k.startswith(("g0.", "g1.")) for k in store._bytes) and not set(doomed) & set(loop.pool.open)
+    assert loop.pool.held == sum(len(g.trajectories) for g in loop.pool.open.values())  # the admission's count
     assert " died: " not in capsys.readouterr().out  # abandoning never raised inside a worker (it would be replaced)
     newest = max(g for g in loop.pool.open) if loop.pool.open else 0
     assert all(g >= newest - 4 for g in loop.pool.open)  # no admitted group lost its waiting slots
@@ -665,7 +666,8 @@ def test_the_admission_rule_by_hand():
     assert not pool._admit()  # 2 + 2 = 4
     pool.stats.dropped_stale = 2  # a dropped group frees its admission: 2 + 0 < 4
     assert pool._admit()
-    pool.open[7] = aloop.Group(7, None, 0, [_traj(0, 7, 0.0, [1], [0])])  # a finished member waits for its sibling
+    pool.open[7] = aloop.Group(7, None, 0)
+    pool._finish(pool.open[7], _traj(0, 7, 0.0, [1], [0]))  # a finished member waits for its sibling
     assert pool._admit()  # running = 2 in flight + 1 waiting: 3 + 0 < 4
     pool.stats.dropped_stale = 0
     assert not pool._admit()  # 3 + 2 = 5
@@ -751,6 +753,7 @@ def test_a_trajectory_that_finishes_after_its_group_was_abandoned_is_counted_onc
     assert ledger["finished"] == ledger["trained"] + ledger["rejected"] + ledger["dropped_stale"] + \
         ledger["abandoned"] + ledger["leftover"] and ledger["trained"] == 4 * 2
     assert not any(k.startswith(("g0.", "g1.")) for k in store._bytes)
+    assert loop.pool.held == sum(len(g.trajectories) for g in loop.pool.open.values())  # the admission's count
 
 
 def test_rejected_groups_are_counted_and_the_stall_count_restarts_after_an_accepted_group(capsys):

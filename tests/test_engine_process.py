@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from fakes import FakeEnvs
 
 from asyncwebrl import load, weights
 from asyncwebrl.engine_process import ProcessSampler
@@ -98,8 +99,6 @@ class _SameWeights:
 
 
 def _loop(tiny_dir, shot_store, updates):
-    from tests.fakes import FakeEnvs
-
     loop_mod = load("04_async_loop")
     cfg = pol.PolicyConfig(model=str(tiny_dir), max_new_tokens=16)
     engine, store = ProcessSampler(cfg), env.ScreenshotStore()

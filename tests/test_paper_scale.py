@@ -18,7 +18,7 @@ def test_lengths_average_the_papers_steps_after_the_horizon_cut(sigma):
     p = dataclasses.replace(ps.Profile(), length_sigma=sigma)
     rng = random.Random(1)
     for target in (p.steps_success, p.steps_failure):
-        mean = ps.stretch(p, target)
+        mean = ps.stretch(p, target, sigma)
         drawn = [ps.length(mean, sigma, rng.gauss(0, 1), rng.random(), p.horizons[i % 3]) for i in range(20000)]
         assert abs(statistics.fmean(drawn) - target) < 0.03 * target
         assert min(drawn) >= 1 and max(drawn) <= max(p.horizons)
