@@ -74,7 +74,8 @@ class Placement:
 
     def describe(self) -> list[str]:
         if self.gpus == 0:
-            return ["placement: CPU, rollout by transformers generate; trainer: "
+            where = "in its own process" if self.engine == "hf-process" else "in the trainer's process"
+            return [f"placement: CPU, rollout by transformers generate {where}; trainer: "
                     + ("one process (fp32)" if self.world == 1 else f"FSDP2 over {self.world} processes (gloo)")]
         lines = ["placement: 1 GPU, shared by the engine and the trainer" if self.shared else
                  f"placement: {self.nodes} node(s) x {self.gpus} GPUs: {self.replicas} rollout, {self.world} trainer"]

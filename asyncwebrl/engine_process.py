@@ -24,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+
 from asyncwebrl import load
 from asyncwebrl.faults import EngineDead
 from asyncwebrl.model_io import load_tokenizer
@@ -42,7 +44,7 @@ class ProcessSampler:
         if Path(cfg.model).resolve() == TINY_MODEL_DIR.resolve():
             pol.build_tiny_model(cfg.model)  # here, before the child loads it
         self.tokenizer = load_tokenizer(cfg.model)  # for the turns; the model lives in the child
-        self.weights_dtype = pol.compute_dtype(cfg, "cpu")
+        self.weights_dtype = pol.compute_dtype(cfg, cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no copy of the trainer's threads or tensors
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_serve, args=(child, dataclasses.asdict(cfg), threads, max_batch),
@@ -149,8 +151,6 @@ def _settle(loop, future, reply) -> None:
 
 def _serve(conn, cfg: dict, threads: int, max_batch: int) -> None:
     """The child: an HFSampler; weight loads between batches, every waiting request in one batch."""
-    import torch
-
     torch.set_num_threads(threads)
     pol = load("02_policy")
     sampler = pol.HFSampler(pol.PolicyConfig(**cfg))

@@ -137,7 +137,7 @@ def compare_sync(cfg: TrainConfig, out: Path = ROOT / "figures", repeats: int = 
     # overlap efficiency = async / the slower stage alone, within each repeat (1.0: the slower stage never waits)
     overlap = paired(sps["async (full)"], [min(a, b) for a, b in zip(sps["rollout only"], train_sps)])
     summary = dict(
-        machine=f"{place.describe()[0]}, {torch.get_num_threads()} torch threads",
+        machine=f"{place.describe()[0]}, {torch.get_num_threads()} torch threads", engine=cfg.engine,
         config={k: getattr(cfg, k) for k in ("updates", "workers", "group_size", "batch_groups", "max_steps",
                                                "tasks", "max_staleness", "dynamic_sampling")},
         commit=git_commit(), repeats=repeats,
