@@ -132,8 +132,9 @@ class ProcessSampler:
         except EngineDead:
             pass
         self.proc.join(10)
-        if self.proc.is_alive():
+        if self.proc.is_alive():  # still generating (a loaded machine): it has nothing left to give
             self.proc.kill()
+            self.proc.join(10)
         self.conn.close()
 
 
