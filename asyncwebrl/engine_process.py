@@ -56,8 +56,7 @@ class ProcessSampler:
         self.loaded: dict[int, str] = {}  # version -> digest, filled by the reader
         self.loaded_cond = threading.Condition()
         self.dead: str | None = None
-        self.reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
-        self.reader.start()
+        threading.Thread(target=self._read, name="engine-reader", daemon=True).start()
 
     def turn(self, obs, state):
         return self.pol.make_turn(self.tokenizer, obs, state, self.cfg)
@@ -174,7 +173,7 @@ def _generate(conn, pol, sampler, requests: list) -> None:
              for _, i, prompt, marks, shots in requests]
     t0 = time.perf_counter()
     try:
-        replies = [dataclasses.astuple(s) for s in sampler.sample(turns, _Store(store))]
+        replies = [dataclasses.astuple(s) for s in sampler.sample(turns, store)]  # a dict is a store: key -> bytes
     except Exception as e:  # a broken turn fails its own request: the batch is retried one by one
         if len(requests) > 1:
             for r in requests:
@@ -185,7 +184,3 @@ def _generate(conn, pol, sampler, requests: list) -> None:
     for (_, i, *_), reply in zip(requests, replies):
         conn.send(("sample", i, reply))
 
-
-class _Store(dict):
-    def get(self, key):
-        return self[key]

@@ -6,6 +6,8 @@ import random
 import statistics
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from asyncwebrl import figures
 from experiments import paper_scale as ps
@@ -73,3 +75,25 @@ def test_bad_flags_are_one_line_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
         ps.main(argv)
     assert e.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+@settings(max_examples=40, deadline=None)
+@given(scale=st.one_of(st.text(max_size=12), st.floats().map(repr)),
+       updates=st.one_of(st.text(max_size=6), st.integers(-10, 100).map(str)))
+def test_any_flag_values_run_or_are_one_line_errors(scale, updates, tmp_path_factory):
+    """Any text for --scale/--updates: the study is started with valid numbers, or argparse refuses with exit 2."""
+    out, seen = tmp_path_factory.mktemp("ps"), []
+    fake = dict(variants={n: dict(vs_sync=1.0, length_cv=0.5) for n, _ in ps.VARIANTS}, overlap_efficiency=1.0,
+                rollout_over_train=1.0)
+    original = ps.study
+    ps.study = lambda p, s, u, q: seen.append((s, u)) or fake
+    try:
+        code = ps.main(["--scale", scale, "--updates", updates, "--out", str(out), "--quick"])
+    except SystemExit as e:
+        code = e.code
+    finally:
+        ps.study = original
+    assert code in (0, 2)
+    if code == 0:
+        s, u = seen[0]
+        assert 1 <= s <= 5000 and u >= 4 and (out / "paper_scale.json").is_file()
